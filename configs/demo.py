@@ -1,0 +1,45 @@
+"""Offline demo: synthetic textured scenes, a fixed patch descriptor as the frozen featurizer.
+
+Runs end to end on a 2-core CPU in a few minutes (`make demo`). The featurizer is NOT a DINO
+ViT: no weights can be downloaded offline and a randomly initialised ViT has no structure for
+STEGO to distil (shared/DEMO_NOTES.md). Settings from the prototype measurements there.
+"""
+
+from stego_jax.config import base_config
+
+
+def get_config(arg: str = ""):
+    c = base_config()
+    c.seed = 0
+    c.num_steps = 600
+    c.batch_size = 32
+    c.data.name = "synthetic"
+    c.data.res = 96
+    c.data.crop_type = None
+    c.data.n_classes = 5
+    c.data.n_train = 800
+    c.data.n_val = 200
+    c.data.size = 96
+    c.data.seed = 0
+    c.model.featurizer = "descriptor"
+    c.model.backbone = "descriptor"
+    c.model.patch_size = 8
+    c.model.dim = 32
+    c.feature_cache.enabled = True  # in memory: the whole set is tiny
+    c.log_every = 50
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.eval.res = 96
+    c.eval.batch_size = 50
+    c.eval.crf = False
+    c.eval.num_overlays = 6
+    c.eval.kmeans_restarts = 10
+    c.demo_seeds = 3
+    if arg == "tiny":  # used by the test suite
+        c.num_steps = 120
+        c.data.n_train = 240
+        c.data.n_val = 60
+        c.demo_seeds = 1
+        c.eval_every = 60
+        c.checkpoint_every = 60
+    return c

@@ -1,0 +1,130 @@
+"""Default experiment configuration (`base_config`) and its validation at the edge."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults = the official STEGO `train_config.yml` values (STEGO_FACTS 2.5/2.6)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 5000
+    c.batch_size = 16  # global batch (official: 16 per process on one GPU)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cocostuff27"
+    c.data.root = ""
+    c.data.res = 224
+    c.data.crop_type = "five"
+    c.data.crop_ratio = 0.5
+    c.data.n_classes = 27
+    c.data.skip_corrupt = False
+    c.data.num_workers = 8
+
+    c.model = ml_collections.ConfigDict()
+    c.model.featurizer = "dino"
+    c.model.backbone = "dino_vits8_300ep"
+    c.model.patch_size = 8
+    c.model.dtype = "float32"
+    c.model.dim = 70
+    c.model.projection = "nonlinear"
+    c.model.dropout = True
+    c.model.extra_clusters = 0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.feature_samples = 11
+    c.loss.neg_samples = 5
+    c.loss.pointwise = True
+    c.loss.zero_clamp = True
+    c.loss.stabilize = False
+    c.loss.correspondence_weight = 1.0
+    # "Cocostuff27 vit small 1/31/22" block of the official train_config.yml.
+    c.loss.pos_intra_weight = 0.67
+    c.loss.pos_inter_weight = 0.25
+    c.loss.neg_inter_weight = 0.63
+    c.loss.pos_intra_shift = 0.08
+    c.loss.pos_inter_shift = 0.02
+    c.loss.neg_inter_shift = 0.66
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4  # head, Adam, no schedule (official)
+    c.optim.probe_lr = 5e-3  # linear and cluster probes, Adam (official)
+
+    c.knn = ml_collections.ConfigDict()
+    c.knn.k = 30
+    c.knn.num_neighbors = 7
+    c.knn.dir = ""  # default: <data.root>/nns
+
+    c.feature_cache = ml_collections.ConfigDict()
+    c.feature_cache.enabled = False
+    c.feature_cache.dir = ""
+
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 400
+    c.keep_checkpoints = 2
+    c.num_val_images = 0  # 0 = whole validation split during training
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.res = 320
+    c.eval.batch_size = 16
+    c.eval.flip = True
+    c.eval.crf = True
+    c.eval.crf_backend = "jax"
+    c.eval.num_overlays = 8
+    c.eval.kmeans_restarts = 5
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.auto = False
+    return c
+
+
+_CHOICES = {
+    "model.featurizer": ("dino", "descriptor"),
+    "model.projection": ("linear", "nonlinear"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.name": ("cocostuff27", "cityscapes27", "potsdam3", "potsdam", "image_folder", "synthetic"),
+    "data.crop_type": ("five", None, "none"),
+    "eval.crf_backend": ("jax", "pydensecrf"),
+}
+
+_POSITIVE = ("num_steps", "batch_size", "data.res", "data.n_classes", "model.dim", "loss.feature_samples",
+             "loss.neg_samples", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+             "knn.k", "knn.num_neighbors", "eval.res", "eval.batch_size")
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config) -> None:
+    """Raise ValueError naming the field and the allowed values for a bad config."""
+    for field, allowed in _CHOICES.items():
+        value = _get(config, field)
+        if value not in allowed:
+            raise ValueError(f"config.{field}={value!r} is not allowed; choose one of {list(allowed)}")
+    for field in _POSITIVE:
+        value = _get(config, field)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{field}={value!r} must be a positive integer")
+    if config.batch_size < 2:
+        raise ValueError("config.batch_size must be >= 2: the random-negative term pairs images of one batch")
+    if config.knn.num_neighbors >= config.knn.k:
+        raise ValueError(
+            f"config.knn.num_neighbors={config.knn.num_neighbors} must be < config.knn.k={config.knn.k}"
+        )
+    for name in ("lr", "probe_lr"):
+        if not config.optim[name] > 0:
+            raise ValueError(f"config.optim.{name}={config.optim[name]!r} must be > 0")
+    if config.data.res % config.model.patch_size:
+        raise ValueError(
+            f"config.data.res={config.data.res} must be a multiple of config.model.patch_size="
+            f"{config.model.patch_size}"
+        )

@@ -1,0 +1,525 @@
+"""STEGO training program: `python -m stego_jax.train --config configs/<name>.py --workdir DIR`.
+
+Thin shell over library pieces: a jitted, data-parallel train step over a device mesh; the
+frozen featurizer runs outside the optimizer (its own jitted call, or a precomputed cache);
+orbax checkpoints with exact resume; console progress, JSON lines and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from stego_jax import losses, metrics, parallel
+from stego_jax.config import validate
+from stego_jax.models.head import ClusterProbe, LinearProbe, SegmentationHead
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------
+# Model pieces and state
+# ----------------------------------------------------------------------------------------
+
+def build_modules(config):
+    head = SegmentationHead(
+        dim=config.model.dim,
+        projection=config.model.projection,
+        feature_dropout=bool(config.model.dropout),
+    )
+    cluster = ClusterProbe(n_clusters=config.data.n_classes + config.model.extra_clusters)
+    linear = LinearProbe(n_classes=config.data.n_classes)
+    return head, cluster, linear
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam on the head, Adam on each probe (official: three optimizers, no schedule)."""
+    return optax.multi_transform(
+        {
+            "head": optax.adam(config.optim.lr),
+            "probe": optax.adam(config.optim.probe_lr),
+        },
+        {"head": "head", "cluster_probe": "probe", "linear_probe": "probe"},
+    )
+
+
+def init_params(config, feat_dim: int, key) -> PyTree:
+    head, cluster, linear = build_modules(config)
+    k1, k2, k3 = jax.random.split(key, 3)
+    g = config.data.res // config.model.patch_size
+    feats = jnp.zeros((1, g, g, feat_dim), jnp.float32)
+    code = jnp.zeros((1, g, g, config.model.dim), jnp.float32)
+    return {
+        "head": head.init(k1, feats, train=False)["params"],
+        "cluster_probe": cluster.init(k2, code)["params"],
+        "linear_probe": linear.init(k3, code)["params"],
+    }
+
+
+def create_state(config, feat_dim: int, key) -> dict:
+    params = init_params(config, feat_dim, key)
+    opt_state = make_optimizer(config).init(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+
+
+# ----------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------
+
+def loss_fn(params, batch, key, config, modules):
+    """Total loss: correspondence (head) + cluster probe + linear probe (on detached codes)."""
+    head, cluster, linear = modules
+    k_drop, k_drop_pos, k_loss = jax.random.split(key, 3)
+    feats, code = head.apply({"params": params["head"]}, batch["feats"], train=True,
+                             rngs={"dropout": k_drop})
+    feats_pos, code_pos = head.apply({"params": params["head"]}, batch["feats_pos"], train=True,
+                                     rngs={"dropout": k_drop_pos})
+    lc = config.loss
+    corr, aux = losses.stego_correspondence_loss(
+        k_loss, feats, feats_pos, code, code_pos,
+        pos_intra_weight=lc.pos_intra_weight, pos_inter_weight=lc.pos_inter_weight,
+        neg_inter_weight=lc.neg_inter_weight, pos_intra_shift=lc.pos_intra_shift,
+        pos_inter_shift=lc.pos_inter_shift, neg_inter_shift=lc.neg_inter_shift,
+        feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
+        pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabilize=lc.stabilize,
+    )
+    detached = jax.lax.stop_gradient(code)
+    cos = cluster.apply({"params": params["cluster_probe"]}, detached)
+    cluster_loss = losses.cluster_probe_loss(cos)
+    logits = linear.apply({"params": params["linear_probe"]}, detached)
+    linear_loss = losses.linear_probe_loss(logits, batch["label"], config.data.n_classes)
+    total = lc.correspondence_weight * corr + cluster_loss + linear_loss
+    out = {"loss": total, "loss/correspondence": corr, "loss/cluster_probe": cluster_loss,
+           "loss/linear_probe": linear_loss}
+    out.update({f"corr/{k}": v for k, v in aux.items()})
+    return total, out
+
+
+def train_step(state, batch, base_key, *, config, modules, optimizer):
+    """One update. A non-finite loss leaves the state unchanged and is flagged in the metrics,
+    so a checkpoint can never contain the poisoned parameters."""
+    key = jax.random.fold_in(base_key, state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, out), grads = grad_fn(state["params"], batch, key, config, modules)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+    }
+    out["nonfinite"] = jnp.logical_not(finite)
+    return new_state, out
+
+
+def make_train_step(config, mesh, modules, optimizer):
+    rep = parallel.replicated(mesh)
+    dat = parallel.data_sharding(mesh)
+    fn = functools.partial(train_step, config=config, modules=modules, optimizer=optimizer)
+    return jax.jit(fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_featurize(featurizer, mesh):
+    """uint8 images [B,H,W,3] (sharded) -> frozen features [B,h,w,C]; normalization on device."""
+    from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+
+    def featurize(params, images):
+        x = (images.astype(jnp.float32) / 255.0 - mean) / std
+        return jax.lax.stop_gradient(featurizer.apply(params, x))
+
+    rep = parallel.replicated(mesh)
+    dat = parallel.data_sharding(mesh)
+    return jax.jit(featurize, in_shardings=(rep, dat), out_shardings=dat)
+
+
+# ----------------------------------------------------------------------------------------
+# Codes and validation (shared with evaluate.py)
+# ----------------------------------------------------------------------------------------
+
+def codes(head, head_params, feats):
+    """Eval-mode codes [B,h,w,D] from frozen features [B,h,w,C]."""
+    return head.apply({"params": head_params}, feats, train=False)[1]
+
+
+def make_predict_fn(config, modules):
+    """feats -> (cluster prediction, linear prediction) at label resolution, no CRF, no flip
+    (the official during-training validation)."""
+    head, cluster, linear = modules
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def predict(params, feats, out_hw):
+        c = codes(head, params["head"], feats)
+        c = losses.upsample_bilinear(c, out_hw)
+        cos = cluster.apply({"params": params["cluster_probe"]}, c)
+        logits = linear.apply({"params": params["linear_probe"]}, c)
+        return jnp.argmax(cos, -1).astype(jnp.int32), jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return predict
+
+
+def validate_probes(config, params, predict, val_batches) -> dict:
+    """Hungarian-matched cluster-probe and plain linear-probe scores over the validation set."""
+    n = config.data.n_classes
+    n_clusters = n + config.model.extra_clusters
+    conf_c = np.zeros((n_clusters, n), np.int64)
+    conf_l = np.zeros((n, n), np.int64)
+    for feats, labels in val_batches():
+        pc, pl = predict(params, feats, tuple(labels.shape[1:3]))
+        conf_c += np.asarray(metrics.confusion(pc, labels, n, n_clusters))
+        conf_l += np.asarray(metrics.confusion(pl, labels, n, n))
+    cl = metrics.scores_from_confusion(conf_c, n, hungarian=True,
+                                       extra_clusters=config.model.extra_clusters)
+    li = metrics.scores_from_confusion(conf_l, n, hungarian=False)
+    return {"cluster/mIoU": cl["mIoU"], "cluster/Accuracy": cl["Accuracy"],
+            "linear/mIoU": li["mIoU"], "linear/Accuracy": li["Accuracy"]}
+
+
+# ----------------------------------------------------------------------------------------
+# Training data: features for each step
+# ----------------------------------------------------------------------------------------
+
+def step_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of global step `step`: a pure function of (seed, step), so a resumed run
+    sees exactly the batches an uninterrupted run would have."""
+    out = []
+    pos = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(global_batch - len(out), n - offset)
+        out.extend(perm[offset:offset + take])
+        pos += take
+    return np.asarray(out, np.int64)
+
+
+def neighbour_indices(idx: np.ndarray, knn: np.ndarray, num_neighbors: int, seed: int,
+                      step: int) -> np.ndarray:
+    """One of the ranks 1..num_neighbors of each anchor's k-NN list, uniformly (official)."""
+    rng = np.random.default_rng([seed, step, 1])
+    ranks = rng.integers(1, num_neighbors + 1, size=len(idx))
+    return knn[idx, ranks]
+
+
+class CachedFeatures:
+    """All training features computed once (frozen backbone, deterministic crops): a step
+    only gathers rows. Host memory: N*h*w*C floats."""
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray, knn: np.ndarray, config):
+        self.feats, self.labels, self.knn, self.config = feats, labels, knn, config
+
+    def batch(self, step: int) -> dict:
+        c = self.config
+        idx = step_indices(len(self.feats), c.batch_size, c.seed, step)
+        pos = neighbour_indices(idx, self.knn, c.knn.num_neighbors, c.seed, step)
+        sl = _process_slice(c.batch_size)
+        idx, pos = idx[sl], pos[sl]
+        return {"feats": self.feats[idx], "feats_pos": self.feats[pos], "label": self.labels[idx]}
+
+
+def _process_slice(global_batch: int) -> slice:
+    per = global_batch // jax.process_count()
+    i = jax.process_index()
+    return slice(i * per, (i + 1) * per)
+
+
+def compute_features(featurize, fparams, images: np.ndarray, mesh, batch: int) -> np.ndarray:
+    """Frozen features of a uint8 image array [N,H,W,3] (padded to whole device batches)."""
+    n_dev = mesh.devices.size
+    batch = max(n_dev, (batch // n_dev) * n_dev)
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        pad = (-len(chunk)) % n_dev
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        arr = jax.device_put(chunk, parallel.data_sharding(mesh))
+        f = np.asarray(jax.device_get(featurize(fparams, arr)))
+        out.append(f[:len(f) - pad] if pad else f)
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------
+
+class Logger:
+    """Console progress (process 0), JSON lines and TensorBoard event files."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.t0 = time.time()
+        self.last = (None, None)
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(prefix + k, float(v), step)
+        self.jsonl.write(json.dumps({"step": step, **{prefix + k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def progress(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        lstep, ltime = self.last
+        rate = (step - lstep) / (now - ltime) if lstep is not None and now > ltime else float("nan")
+        self.last = (step, now)
+        eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
+        print(f"step {step:>6d}/{self.total} | loss {loss:.4f} | {rate:6.2f} steps/s | ETA {eta_s}",
+              flush=True)
+        self.scalars(step, {"steps_per_sec": rate} if rate == rate else {}, "perf/")
+
+    def image(self, tag: str, step: int, img: np.ndarray) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, img, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+class Checkpoints:
+    """orbax: the last K checkpoints under `checkpoints/` and the best (cluster mIoU) under `best/`."""
+
+    def __init__(self, workdir: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.last = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+        self.best = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, best_fn=lambda m: m["cluster/mIoU"], best_mode="max"),
+        )
+
+    def latest_step(self):
+        return self.last.latest_step()
+
+    def save(self, step: int, state, metrics_: dict | None = None) -> None:
+        self.last.save(step, args=self.ocp.args.StandardSave(state))
+        if metrics_ is not None:
+            self.best.save(step, args=self.ocp.args.StandardSave(state), metrics=metrics_)
+
+    def restore(self, step: int, abstract_state, which: str = "last"):
+        mgr = self.last if which == "last" else self.best
+        return mgr.restore(step, args=self.ocp.args.StandardRestore(abstract_state))
+
+    def wait(self) -> None:
+        self.last.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+def restore_params(workdir: str, config, feat_dim: int, which: str = "best") -> PyTree:
+    """Params of a finished run (the best checkpoint if there is one, else the last)."""
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    mgr = ckpts.best if which == "best" else ckpts.last
+    step = mgr.best_step() if which == "best" else mgr.latest_step()
+    if step is None:
+        mgr, step = ckpts.last, ckpts.last.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir}/checkpoints; train first: "
+            f"python -m stego_jax.train --config <config> --workdir {workdir}")
+    abstract = jax.eval_shape(lambda: create_state(config, feat_dim, jax.random.key(0)))
+    state = mgr.restore(step, args=ckpts.ocp.args.StandardRestore(abstract))
+    ckpts.close()
+    return state["params"]
+
+
+# ----------------------------------------------------------------------------------------
+# Putting it together
+# ----------------------------------------------------------------------------------------
+
+def prepare_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write to workdir {workdir!r} ({e.strerror}); choose a writable --workdir") from e
+
+
+def save_config(config, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_training_data(config, workdir: str, mesh):
+    """The featurizer and the training/validation feature sources for `config`."""
+    from stego_jax import knn as knn_lib
+    from stego_jax.data import build_dataset
+    from stego_jax.models.featurizers import build_featurizer
+
+    train_ds = build_dataset(config, "train")
+    val_ds = build_dataset(config, "val")
+    if not config.feature_cache.enabled:
+        raise NotImplementedError("streaming training without the feature cache lands with the data pipeline")
+    train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
+    train_labels = np.stack([train_ds[i]["label"] for i in range(len(train_ds))]).astype(np.int32)
+    kwargs = {}
+    if config.model.featurizer == "descriptor":
+        from stego_jax.data.transforms import normalize
+
+        stats_path = os.path.join(workdir, "featurizer.npz")
+        if os.path.exists(stats_path):
+            kwargs["stats"] = dict(np.load(stats_path))
+        else:
+            kwargs["fit_images"] = normalize(train_images)
+    featurizer = build_featurizer(config, **kwargs)
+    if config.model.featurizer == "descriptor" and jax.process_index() == 0:
+        np.savez(os.path.join(workdir, "featurizer.npz"),
+                 **{k: np.asarray(v) for k, v in featurizer.params.items()})
+    featurize = make_featurize(featurizer, mesh)
+    feats = compute_features(featurize, featurizer.params, train_images, mesh, 256)
+    desc = knn_lib.global_descriptors(jnp.asarray(feats))
+    table = np.asarray(knn_lib.knn_table(desc, k=min(config.knn.k, len(feats))))
+    source = CachedFeatures(feats, train_labels, table, config)
+
+    val_images = np.stack([val_ds[i]["image"] for i in range(len(val_ds))])
+    val_labels = np.stack([val_ds[i]["label"] for i in range(len(val_ds))]).astype(np.int32)
+    if config.num_val_images:
+        val_images, val_labels = val_images[:config.num_val_images], val_labels[:config.num_val_images]
+    val_feats = compute_features(featurize, featurizer.params, val_images, mesh, 256)
+
+    def val_batches():
+        b = config.eval.batch_size
+        for i in range(0, len(val_feats), b):
+            yield jnp.asarray(val_feats[i:i + b]), jnp.asarray(val_labels[i:i + b])
+
+    return featurizer, source, val_batches
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) a STEGO head in `workdir`; returns the last validation metrics."""
+    validate(config)
+    parallel.initialize_distributed(config)
+    prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        save_config(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+
+    featurizer, source, val_batches = build_training_data(config, workdir, mesh)
+    modules = build_modules(config)
+    optimizer = make_optimizer(config)
+    rep = parallel.replicated(mesh)
+    root = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(root)
+    state = jax.jit(lambda k: create_state(config, featurizer.dim, k), out_shardings=rep)(init_key)
+
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start:
+        state = ckpts.restore(start, jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
+        if is_main:
+            print(f"resumed from step {start} in {workdir}", flush=True)
+
+    step_fn = make_train_step(config, mesh, modules, optimizer)
+    predict = make_predict_fn(config, modules)
+    logger = Logger(workdir, config.num_steps, is_main)
+    window: list = []
+    last_eval: dict = {}
+    last_good = start
+    step = start
+    try:
+        for step in range(start, config.num_steps):
+            batch = parallel.shard_batch(source.batch(step), mesh)
+            state, out = step_fn(state, batch, step_key)
+            window.append(out)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                host = jax.device_get(window)
+                window = []
+                bad = [i for i, m in enumerate(host) if bool(m["nonfinite"])]
+                if bad:
+                    first = done - len(host) + bad[0]
+                    raise FloatingPointError(
+                        f"non-finite loss at step {first + 1}: training stopped. The parameters were "
+                        f"not updated with it; the last good checkpoint (step {last_good}) in "
+                        f"{workdir}/checkpoints is intact. Check the input data for NaN/Inf, or lower "
+                        f"config.optim.lr (now {config.optim.lr}).")
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+                logger.scalars(done, mean, "train/")
+                logger.progress(done, mean["loss"])
+            if done % config.eval_every == 0 or done == config.num_steps:
+                last_eval = validate_probes(config, state["params"], predict, val_batches)
+                logger.scalars(done, last_eval, "val/")
+                if is_main:
+                    print("  val " + " | ".join(f"{k} {v:.2f}" for k, v in last_eval.items()), flush=True)
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                ckpts.save(done, state, last_eval if done % config.eval_every == 0
+                           or done == config.num_steps else None)
+                last_good = done
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        logger.close()
+    return {"step": int(step + 1), **last_eval, "params": state["params"]}
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and results")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

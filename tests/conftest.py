@@ -1,0 +1,20 @@
+"""Shared test set-up: 8 simulated CPU devices (set before JAX is imported) and small fixtures."""
+
+import os
+
+# Sharding tests need several devices; on CPU XLA can simulate them. This must run before
+# the first `import jax` anywhere in the test session.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+
+@pytest.fixture(scope="session")
+def n_devices() -> int:
+    return jax.device_count()
