@@ -1,0 +1,345 @@
+"""Maps DINO/timm/Hugging Face/flat-Flax ViT state dicts onto the stego_jax Flax ViT param tree.
+
+Every source layout is first brought to the official DINO torch key layout, checked key by key
+against the shapes the inferred architecture needs, then transposed into Flax's layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from stego_jax.models.vit import ViTConfig
+
+# Wrappers around the backbone in DINO training: DDP ('module.'), MultiCropWrapper ('backbone.').
+_STRIP_PREFIXES = ("module.", "backbone.")
+# Not part of the backbone: DINO projection head / timm classifier, HF pooler and classifier.
+_DROP_PREFIXES = ("head.", "pooler.", "classifier.")
+
+# HF ViTModel per-block names -> DINO per-block names (the q/k/v split is handled separately).
+_HF_BLOCK = {
+    "attention.output.dense": "attn.proj",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_QKV = ("query", "key", "value")
+
+
+def select_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
+    """Finds the backbone state dict in a loaded checkpoint: the dict itself, or its 'teacher'
+    (DINO training checkpoints), 'model' or 'state_dict' entry; returns {key: array}."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a dict of tensors, found {type(obj).__name__}")
+    for key in ("teacher", "model", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    non_arrays = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
+    if non_arrays:
+        raise ValueError(
+            f"{where}: not a state dict of tensors (entries {non_arrays[:5]} are not tensors); "
+            "expected the "
+            "backbone weights themselves or a DINO training checkpoint with a 'teacher' entry"
+        )
+    return {str(k): v for k, v in obj.items()}
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _hf_to_dino(sd: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Hugging Face ViTModel keys -> DINO keys; q, k, v concatenated into qkv.
+
+    HF's DINO conversion (transformers: convert_dino_to_pytorch.py) splits qkv rows as
+    [0:D]=q, [D:2D]=k, [2D:3D]=v, each head-major, so concatenating in that order restores the
+    (3, heads, head_dim) row order DINO's Attention reshapes to.
+    """
+    sd = {k[len("vit.") :] if k.startswith("vit.") else k: v for k, v in sd.items()}
+    out: dict[str, np.ndarray] = {}
+    top = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    qkv: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in sd.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            out[key] = value  # reported as unexpected by the key check
+            continue
+        i, name, kind = int(m.group(1)), m.group(2), m.group(3)
+        qm = re.fullmatch(r"attention\.attention\.(query|key|value)", name)
+        if qm:
+            qkv.setdefault((i, kind), {})[qm.group(1)] = value
+        elif name in _HF_BLOCK:
+            out[f"blocks.{i}.{_HF_BLOCK[name]}.{kind}"] = value
+        else:
+            out[key] = value
+    for (i, kind), parts in sorted(qkv.items()):
+        missing = [p for p in _HF_QKV if p not in parts]
+        if missing:
+            raise ValueError(
+                f"{where}: encoder.layer.{i}.attention.attention.{missing[0]}.{kind} is missing "
+                f"(needed with the {sorted(parts)} entries to build the qkv projection)"
+            )
+        shapes = {p: parts[p].shape for p in _HF_QKV}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"{where}: layer {i} query/key/value {kind} shapes differ: {shapes}")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts[p] for p in _HF_QKV], axis=0)
+    return out
+
+
+def _flax_to_dino(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flat 'a/b/c' Flax paths (our own param tree) -> DINO keys, inverting `dino_to_flax`."""
+    out: dict[str, np.ndarray] = {}
+    for key, v in sd.items():
+        parts = key.split("/")
+        m = re.fullmatch(r"blocks_(\d+)", parts[0])
+        if m:
+            parts[0] = f"blocks.{m.group(1)}"
+        leaf = parts[-1]
+        name = ".".join(parts[:-1])
+        if key in ("cls_token", "pos_embed"):
+            out[key] = v
+        elif key == "patch_embed/kernel" and v.ndim == 4:
+            out["patch_embed.proj.weight"] = v.transpose(3, 2, 0, 1)
+        elif key == "patch_embed/bias":
+            out["patch_embed.proj.bias"] = v
+        elif leaf == "kernel" and v.ndim == 2:
+            out[name + ".weight"] = v.T
+        elif leaf == "scale":
+            out[name + ".weight"] = v
+        elif leaf == "bias":
+            out[name + ".bias"] = v
+        else:
+            out[key] = v  # reported as unexpected
+    return out
+
+
+def to_dino_layout(sd: dict[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], str]:
+    """Normalises any supported key layout to the official DINO torch layout.
+
+    Returns (state dict, layout name) with layout in {"dino", "huggingface", "flax"}. Wrapper
+    prefixes ('module.', 'backbone.', HF's 'vit.') are stripped and head/pooler keys dropped.
+    timm's ViT uses the DINO names already.
+    """
+    sd = {_strip(k): v for k, v in sd.items()}
+    if any(k.startswith(("embeddings.", "encoder.layer.", "vit.embeddings.")) for k in sd):
+        layout = "huggingface"
+        sd = {k: v for k, v in sd.items() if not k.removeprefix("vit.").startswith(_DROP_PREFIXES)}
+        sd = _hf_to_dino(sd, where)
+    elif any("/" in k for k in sd):
+        layout = "flax"
+        sd = _flax_to_dino(sd)
+    else:
+        layout = "dino"
+        sd = {k: v for k, v in sd.items() if not k.startswith(_DROP_PREFIXES)}
+    return sd, layout
+
+
+def expected_dino_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an official DINO ViT state dict for `cfg`, with its torch shape."""
+    d, p, g, h = cfg.embed_dim, cfg.patch_size, cfg.img_size // cfg.patch_size, cfg.mlp_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 1 + g * g, d),
+        "patch_embed.proj.weight": (d, 3, p, p),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        shapes.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "attn.qkv.weight": (3 * d, d),
+                b + "attn.proj.weight": (d, d),
+                b + "attn.proj.bias": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "mlp.fc1.weight": (h, d),
+                b + "mlp.fc1.bias": (h,),
+                b + "mlp.fc2.weight": (d, h),
+                b + "mlp.fc2.bias": (d,),
+            }
+        )
+        if cfg.qkv_bias:
+            shapes[b + "attn.qkv.bias"] = (3 * d,)
+    return shapes
+
+
+def _need(sd: Mapping[str, np.ndarray], key: str, ndim: int, where: str) -> np.ndarray:
+    if key not in sd:
+        raise ValueError(
+            f"{where}: key {key!r} is missing, so the architecture cannot be inferred; "
+            f"is this a DINO ViT checkpoint? Found keys such as {sorted(sd)[:6]}"
+        )
+    if sd[key].ndim != ndim:
+        raise ValueError(f"{where}: {key!r} has shape {sd[key].shape}, expected a {ndim}-d tensor")
+    return sd[key]
+
+
+def infer_config(
+    sd: Mapping[str, np.ndarray], where: str, num_heads: int | None = None
+) -> ViTConfig:
+    """Reads the ViT architecture off a DINO-layout state dict's shapes.
+
+    The head count is not in the shapes: `num_heads` if given, else embed_dim // 64 (DINO's ViTs
+    all use head_dim 64: ViT-Ti 3, ViT-S 6, ViT-B 12 heads).
+    """
+    w = _need(sd, "patch_embed.proj.weight", 4, where)
+    d, c, p, p2 = w.shape
+    if c != 3 or p != p2:
+        raise ValueError(
+            f"{where}: 'patch_embed.proj.weight' has shape {w.shape}, expected [embed_dim, 3, p, p]"
+        )
+    indices = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not indices or indices != list(range(len(indices))):
+        raise ValueError(
+            f"{where}: transformer blocks must be numbered 0..depth-1, found indices {indices}"
+        )
+    hidden = _need(sd, "blocks.0.mlp.fc1.weight", 2, where).shape[0]
+    rows = _need(sd, "pos_embed", 3, where).shape[1]
+    g = math.isqrt(max(rows - 1, 0))
+    if g * g != rows - 1 or g == 0:
+        raise ValueError(
+            f"{where}: 'pos_embed' has {rows} rows; expected 1 + G*G for a square G x G patch grid"
+        )
+    if num_heads is None:
+        if d % 64:
+            raise ValueError(
+                f"{where}: embed_dim {d} is not a multiple of DINO's head_dim 64, so the number of "
+                "heads "
+                "cannot be guessed; pass num_heads="
+            )
+        num_heads = d // 64
+    if num_heads <= 0 or d % num_heads:
+        raise ValueError(f"{where}: embed_dim {d} is not divisible by num_heads={num_heads}")
+    cfg = ViTConfig(
+        patch_size=p,
+        embed_dim=d,
+        depth=len(indices),
+        num_heads=num_heads,
+        mlp_ratio=hidden / d,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        img_size=g * p,
+    )
+    if cfg.mlp_dim != hidden:  # int(D * ratio) must give back the stored hidden width
+        raise ValueError(
+            f"{where}: MLP hidden width {hidden} is not representable for embed_dim {d}"
+        )
+    return cfg
+
+
+def check_shapes(
+    sd: Mapping[str, np.ndarray], cfg: ViTConfig, where: str, layout: str = "dino"
+) -> None:
+    """Raises ValueError naming the first missing, unexpected or mis-shaped key (DINO key names)."""
+    expected = expected_dino_shapes(cfg)
+    note = "" if layout == "dino" else f" (DINO name of the {layout}-layout entry)"
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(
+            f"{where}: key {missing[0]!r}{note} is missing "
+            f"(expected shape {list(expected[missing[0]])}) "
+            f"for a ViT with patch {cfg.patch_size}, embed_dim {cfg.embed_dim}, depth {cfg.depth}; "
+            f"{len(missing)} key(s) missing in all"
+        )
+    extra = sorted(k for k in sd if k not in expected)
+    if extra:
+        raise ValueError(
+            f"{where}: unexpected key {extra[0]!r}{note} with shape {list(sd[extra[0]].shape)} "
+            f"({len(extra)} unexpected in all); it is not part of a DINO ViT backbone"
+        )
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise ValueError(
+                f"{where}: {k!r}{note} has shape {list(sd[k].shape)}, expected {list(shape)} "
+                "for a ViT "
+                f"with patch {cfg.patch_size}, embed_dim {cfg.embed_dim}, depth {cfg.depth}"
+            )
+        if not np.issubdtype(sd[k].dtype, np.floating) and sd[k].dtype.name != "bfloat16":
+            raise ValueError(
+                f"{where}: {k!r}{note} has dtype {sd[k].dtype}, expected a floating-point tensor"
+            )
+
+
+def dino_to_flax(sd: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, Any]:
+    """DINO-layout state dict -> nested Flax params of float32 numpy arrays.
+
+    Linear weights [out, in] become kernels [in, out]; the patch conv [D, 3, p, p] (OIHW) becomes
+    an HWIO kernel [p, p, 3, D]; LayerNorm weight becomes scale.
+    """
+
+    def f32(key: str, transpose: tuple[int, ...] | None = None) -> np.ndarray:
+        a = np.asarray(sd[key]).astype(np.float32)
+        return np.ascontiguousarray(a.transpose(transpose) if transpose else a)
+
+    def dense(prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+        out = {"kernel": f32(prefix + ".weight", (1, 0))}
+        if bias:
+            out["bias"] = f32(prefix + ".bias")
+        return out
+
+    def norm(prefix: str) -> dict[str, np.ndarray]:
+        return {"scale": f32(prefix + ".weight"), "bias": f32(prefix + ".bias")}
+
+    params: dict[str, Any] = {
+        "patch_embed": {
+            "kernel": f32("patch_embed.proj.weight", (2, 3, 1, 0)),
+            "bias": f32("patch_embed.proj.bias"),
+        },
+        "cls_token": f32("cls_token"),
+        "pos_embed": f32("pos_embed"),
+        "norm": norm("norm"),
+    }
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        params[f"blocks_{i}"] = {
+            "norm1": norm(b + "norm1"),
+            "attn": {"qkv": dense(b + "attn.qkv", cfg.qkv_bias), "proj": dense(b + "attn.proj")},
+            "norm2": norm(b + "norm2"),
+            "mlp": {"fc1": dense(b + "mlp.fc1"), "fc2": dense(b + "mlp.fc2")},
+        }
+    return params
+
+
+def convert_state_dict(
+    sd: Mapping[str, np.ndarray], where: str, num_heads: int | None = None
+) -> tuple[ViTConfig, dict[str, Any]]:
+    """Any supported layout -> (ViTConfig, Flax params); `where` names the source in errors."""
+    dino, layout = to_dino_layout(dict(sd), where)
+    cfg = infer_config(dino, where, num_heads)
+    check_shapes(dino, cfg, where, layout)
+    return cfg, dino_to_flax(dino, cfg)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested param dict -> flat {'a/b/c': array}, the layout of our `.npz` backbone exports."""
+    flat: dict[str, np.ndarray] = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            flat.update(flatten_params(v, f"{prefix}{k}/"))
+        else:
+            flat[prefix + k] = np.asarray(v)
+    return flat

@@ -1,0 +1,73 @@
+"""Named DINO backbone checkpoints: where each is published and which ViT it holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# The official host (facebookresearch/dino:hubconf.py, mhamilton723/STEGO:src/modules.py).
+DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One published checkpoint: its path under the base URL and the architecture it must hold.
+
+    `sha256` pins the file when known; when None, the checksum of the first complete download is
+    recorded next to the cached file and every later load is checked against it.
+    """
+
+    name: str
+    path: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    sha256: str | None = None
+
+    @property
+    def filename(self) -> str:
+        """The cached file's name (the last component of the URL path)."""
+        return self.path.rsplit("/", 1)[-1]
+
+    def url(self, base_url: str) -> str:
+        """The download URL under `base_url` (no trailing slash needed)."""
+        return base_url.rstrip("/") + "/" + self.path
+
+
+REGISTRY: dict[str, WeightSpec] = {
+    s.name: s
+    for s in (
+        WeightSpec(
+            "dino_vits16", "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", 16, 384, 12, 6
+        ),
+        WeightSpec(
+            "dino_vits8", "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 8, 384, 12, 6
+        ),
+        # The ViT-S/8 the official STEGO code loads (a 300-epoch run, not the hub's dino_vits8).
+        WeightSpec(
+            "dino_vits8_300ep",
+            "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+            8,
+            384,
+            12,
+            6,
+        ),
+        WeightSpec(
+            "dino_vitb16", "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", 16, 768, 12, 12
+        ),
+        WeightSpec(
+            "dino_vitb8", "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", 8, 768, 12, 12
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> WeightSpec:
+    """Looks up a registry name; ValueError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown DINO checkpoint {name!r}: known names are {sorted(REGISTRY)}; "
+            "or pass the path of a local .pth/.pt/.safetensors/.npz file"
+        ) from None
