@@ -128,3 +128,18 @@ def validate(config) -> None:
             f"config.data.res={config.data.res} must be a multiple of config.model.patch_size="
             f"{config.model.patch_size}"
         )
+
+
+def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file given by path (for programs that don't use absl flags)."""
+    import importlib.util
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found; configs live in configs/<name>.py")
+    spec = importlib.util.spec_from_file_location("_stego_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()

@@ -192,42 +192,44 @@ def validate_probes(config, params, predict, val_batches) -> dict:
 # Training data: features for each step
 # ----------------------------------------------------------------------------------------
 
-def step_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
-    """Example indices of global step `step`: a pure function of (seed, step), so a resumed run
-    sees exactly the batches an uninterrupted run would have."""
-    out = []
-    pos = step * global_batch
-    while len(out) < global_batch:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(global_batch - len(out), n - offset)
-        out.extend(perm[offset:offset + take])
-        pos += take
-    return np.asarray(out, np.int64)
-
-
-def neighbour_indices(idx: np.ndarray, knn: np.ndarray, num_neighbors: int, seed: int,
-                      step: int) -> np.ndarray:
-    """One of the ranks 1..num_neighbors of each anchor's k-NN list, uniformly (official)."""
-    rng = np.random.default_rng([seed, step, 1])
-    ranks = rng.integers(1, num_neighbors + 1, size=len(idx))
-    return knn[idx, ranks]
-
-
 class CachedFeatures:
-    """All training features computed once (frozen backbone, deterministic crops): a step
-    only gathers rows. Host memory: N*h*w*C floats."""
+    """All training features computed once (frozen backbone, deterministic crops): a step only
+    gathers rows. Host memory: N*h*w*C floats."""
 
-    def __init__(self, feats: np.ndarray, labels: np.ndarray, knn: np.ndarray, config):
-        self.feats, self.labels, self.knn, self.config = feats, labels, knn, config
+    def __init__(self, feats: np.ndarray, labels: np.ndarray, knn: np.ndarray, config, mesh):
+        self.feats, self.labels, self.knn, self.config, self.mesh = feats, labels, knn, config, mesh
 
     def batch(self, step: int) -> dict:
+        from stego_jax.data import plan_step
+
         c = self.config
-        idx = step_indices(len(self.feats), c.batch_size, c.seed, step)
-        pos = neighbour_indices(idx, self.knn, c.knn.num_neighbors, c.seed, step)
+        plan = plan_step(len(self.feats), step, global_batch=c.batch_size, seed=c.seed, knn=self.knn,
+                         num_neighbors=c.knn.num_neighbors)
         sl = _process_slice(c.batch_size)
-        idx, pos = idx[sl], pos[sl]
-        return {"feats": self.feats[idx], "feats_pos": self.feats[pos], "label": self.labels[idx]}
+        idx, pos = plan["index"][sl], plan["index_pos"][sl]
+        return parallel.shard_batch(
+            {"feats": self.feats[idx], "feats_pos": self.feats[pos], "label": self.labels[idx]}, self.mesh)
+
+
+class StreamedFeatures:
+    """Images decoded by the input pipeline each step; the frozen backbone runs on device in its
+    own jitted call (its parameters are an argument, never part of the optimizer state)."""
+
+    def __init__(self, dataset, knn: np.ndarray, config, featurize, fparams, mesh, start_step: int):
+        from stego_jax.data import batches
+
+        self.featurize, self.fparams, self.mesh = featurize, fparams, mesh
+        self.it = batches(dataset, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                          start_step=start_step, process_index=jax.process_index(),
+                          process_count=jax.process_count(), knn=knn,
+                          num_neighbors=config.knn.num_neighbors, num_workers=config.data.num_workers)
+
+    def batch(self, step: int) -> dict:
+        b = next(self.it)
+        arr = parallel.shard_batch({"image": b["image"], "image_pos": b["image_pos"], "label": b["label"]},
+                                   self.mesh)
+        return {"feats": self.featurize(self.fparams, arr["image"]),
+                "feats_pos": self.featurize(self.fparams, arr["image_pos"]), "label": arr["label"]}
 
 
 def _process_slice(global_batch: int) -> slice:
@@ -250,6 +252,21 @@ def compute_features(featurize, fparams, images: np.ndarray, mesh, batch: int) -
         f = np.asarray(jax.device_get(featurize(fparams, arr)))
         out.append(f[:len(f) - pad] if pad else f)
     return np.concatenate(out)
+
+
+def load_train_knn(config, featurizer, dataset) -> np.ndarray:
+    """The precomputed k-NN table of the training split; a clear error if missing or stale."""
+    from stego_jax import knn as knn_lib
+
+    crop = config.data.get("crop_type", None)
+    name = knn_lib.knn_filename(featurizer.name, featurizer.patch_size, config.data.name, "train", crop,
+                                config.data.res)
+    out_dir = config.knn.dir or os.path.join(config.data.root, "nns")
+    expect = {"dataset": config.data.name, "split": "train", "crop": crop, "backbone": featurizer.name,
+              "patch_size": int(featurizer.patch_size), "res": int(config.data.res), "n": len(dataset),
+              "ids_fingerprint": knn_lib.ids_fingerprint(dataset.ids)}
+    table, _ = knn_lib.load_knn(os.path.join(out_dir, name), expect_meta=expect)
+    return table
 
 
 # ----------------------------------------------------------------------------------------
@@ -391,19 +408,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def build_training_data(config, workdir: str, mesh):
-    """The featurizer and the training/validation feature sources for `config`."""
+def build_training_data(config, workdir: str, mesh, start_step: int):
+    """The featurizer, the per-step training batches and the validation batches for `config`."""
     from stego_jax import knn as knn_lib
     from stego_jax.data import build_dataset
+    from stego_jax.evaluate import eval_config
     from stego_jax.models.featurizers import build_featurizer
 
     train_ds = build_dataset(config, "train")
-    val_ds = build_dataset(config, "val")
-    if not config.feature_cache.enabled:
-        raise NotImplementedError("streaming training without the feature cache lands with the data pipeline")
-    train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
-    train_labels = np.stack([train_ds[i]["label"] for i in range(len(train_ds))]).astype(np.int32)
     kwargs = {}
+    train_images = None
+    if config.feature_cache.enabled:
+        train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
     if config.model.featurizer == "descriptor":
         from stego_jax.data.transforms import normalize
 
@@ -411,27 +427,48 @@ def build_training_data(config, workdir: str, mesh):
         if os.path.exists(stats_path):
             kwargs["stats"] = dict(np.load(stats_path))
         else:
+            if train_images is None:
+                train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
             kwargs["fit_images"] = normalize(train_images)
     featurizer = build_featurizer(config, **kwargs)
     if config.model.featurizer == "descriptor" and jax.process_index() == 0:
         np.savez(os.path.join(workdir, "featurizer.npz"),
                  **{k: np.asarray(v) for k, v in featurizer.params.items()})
     featurize = make_featurize(featurizer, mesh)
-    feats = compute_features(featurize, featurizer.params, train_images, mesh, 256)
-    desc = knn_lib.global_descriptors(jnp.asarray(feats))
-    table = np.asarray(knn_lib.knn_table(desc, k=min(config.knn.k, len(feats))))
-    source = CachedFeatures(feats, train_labels, table, config)
 
-    val_images = np.stack([val_ds[i]["image"] for i in range(len(val_ds))])
-    val_labels = np.stack([val_ds[i]["label"] for i in range(len(val_ds))]).astype(np.int32)
-    if config.num_val_images:
-        val_images, val_labels = val_images[:config.num_val_images], val_labels[:config.num_val_images]
-    val_feats = compute_features(featurize, featurizer.params, val_images, mesh, 256)
+    if config.feature_cache.enabled:
+        feats = compute_features(featurize, featurizer.params, train_images, mesh, 256)
+        labels = np.stack([train_ds[i]["label"] for i in range(len(train_ds))]).astype(np.int32)
+        if config.model.featurizer == "descriptor":
+            # No precompute CLI for the demo featurizer: the table comes from the cached features
+            # (GAP + cosine top-k, as the official precompute, without its dropout quirk).
+            table = np.asarray(knn_lib.knn_table(knn_lib.global_descriptors(jnp.asarray(feats)),
+                                                 k=min(config.knn.k, len(feats))))
+        else:
+            table = load_train_knn(config, featurizer, train_ds)
+        source = CachedFeatures(feats, labels, table, config, mesh)
+    else:
+        table = load_train_knn(config, featurizer, train_ds)
+        source = StreamedFeatures(train_ds, table, config, featurize, featurizer.params, mesh, start_step)
+
+    val_ds = build_dataset(eval_config(config), "val")
+    n_val = min(len(val_ds), config.num_val_images or len(val_ds))
+    n_dev = mesh.devices.size
+    cache: list = []
 
     def val_batches():
-        b = config.eval.batch_size
-        for i in range(0, len(val_feats), b):
-            yield jnp.asarray(val_feats[i:i + b]), jnp.asarray(val_labels[i:i + b])
+        """Validation features are computed once and kept (frozen backbone)."""
+        if cache:
+            yield from cache
+            return
+        b = max(n_dev, config.eval.batch_size // n_dev * n_dev)
+        for i in range(0, n_val, b):
+            items = [val_ds[j] for j in range(i, min(i + b, n_val))]
+            images = np.stack([it["image"] for it in items])
+            labels = np.stack([it["label"] for it in items]).astype(np.int32)
+            f = compute_features(featurize, featurizer.params, images, mesh, b)
+            cache.append((jnp.asarray(f), jnp.asarray(labels)))
+            yield cache[-1]
 
     return featurizer, source, val_batches
 
@@ -447,7 +484,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
 
-    featurizer, source, val_batches = build_training_data(config, workdir, mesh)
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    featurizer, source, val_batches = build_training_data(config, workdir, mesh, start)
     modules = build_modules(config)
     optimizer = make_optimizer(config)
     rep = parallel.replicated(mesh)
@@ -455,8 +494,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_key, step_key = jax.random.split(root)
     state = jax.jit(lambda k: create_state(config, featurizer.dim, k), out_shardings=rep)(init_key)
 
-    ckpts = Checkpoints(workdir, config.keep_checkpoints)
-    start = ckpts.latest_step() or 0
     if start:
         state = ckpts.restore(start, jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
@@ -469,10 +506,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window: list = []
     last_eval: dict = {}
     last_good = start
-    step = start
+    done = start
     try:
         for step in range(start, config.num_steps):
-            batch = parallel.shard_batch(source.batch(step), mesh)
+            batch = source.batch(step)
             state, out = step_fn(state, batch, step_key)
             window.append(out)
             done = step + 1
@@ -503,7 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts.wait()
         ckpts.close()
         logger.close()
-    return {"step": int(step + 1), **last_eval, "params": state["params"]}
+    return {"step": int(done), **last_eval, "params": state["params"]}
 
 
 def main(argv):

@@ -220,7 +220,9 @@ def test_prepare_cli_five_crop_roundtrip(tmp_path, capsys):
     assert prepare.main(["cocostuff27", "--source", str(root), "--out", str(out), "--num-workers", "2"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"] == "cocostuff27" and manifest["crop"] == "five" and manifest["ratio"] == 0.5
-    assert manifest["splits"]["train"]["count"] == 15 and manifest["splits"]["val"]["count"] == 10
+    # train is five-cropped (3 images x 5); val stays uncropped, as the official evaluation reads it
+    assert manifest["splits"]["train"]["count"] == 15 and manifest["splits"]["val"]["count"] == 2
+    assert manifest["splits"]["train"]["crop"] == "five" and manifest["splits"]["val"]["crop"] is None
     assert manifest["class_names"][23] == "sky"
     src = prepared.PreparedSource(str(out), "train")
     with open(root / "curated/train2017/Coco164kFull_Stuff_Coarse.txt") as f:

@@ -149,6 +149,9 @@ def build_dataset(config: Any, split: str) -> Dataset:
         raise ValueError(f"config.data.res must be a positive int, got {res!r}")
     crop_type = _cfg(data, "crop_type")
     crop_type = None if crop_type in (None, "", "none", "None") else crop_type
+    if split != "train":
+        # The official validation/evaluation never crops: crop_type applies to training only.
+        crop_type = None
     ratio = float(_cfg(data, "crop_ratio", 0.5))
     root = _cfg(data, "root")
     if name != "synthetic" and prepared.has_manifest(root):

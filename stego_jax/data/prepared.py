@@ -82,6 +82,10 @@ def write_split(source: Source, out_dir: str, split: str, *, crop: str | None = 
 
     if crop not in CROP_TYPES:
         raise ValueError(f"crop must be one of {CROP_TYPES}, got {crop!r}")
+    dir_crop = crop
+    # Only the training split is cropped: the official validation and evaluation read the uncropped
+    # val split (crop_type=None) after a nearest resize + centre crop.
+    crop = crop if split == "train" else None
     os.makedirs(out_dir, exist_ok=True)
     fmt = "jpeg" if crop == "five" else "png"
     skipped: list[str] = []
@@ -120,17 +124,17 @@ def write_split(source: Source, out_dir: str, split: str, *, crop: str | None = 
     with open(ids_path(out_dir, split), "w") as f:
         f.write("".join(i + "\n" for i in ids))
     entry = {"file": os.path.basename(path), "ids_file": os.path.basename(ids_path(out_dir, split)),
-             "count": count, "skipped": sorted(skipped)}
+             "count": count, "skipped": sorted(skipped), "crop": crop}
     manifest_path = os.path.join(out_dir, MANIFEST)
     manifest = {"format": FORMAT, "splits": {}}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
-        if (manifest.get("dataset"), manifest.get("crop"), manifest.get("ratio")) != (dataset, crop, ratio):
+        if (manifest.get("dataset"), manifest.get("crop"), manifest.get("ratio")) != (dataset, dir_crop, ratio):
             raise ValueError(f"{manifest_path} describes dataset={manifest.get('dataset')}, crop="
                              f"{manifest.get('crop')}, ratio={manifest.get('ratio')}; write dataset={dataset}, "
-                             f"crop={crop}, ratio={ratio} to another --out directory")
-    manifest.update(dataset=dataset, crop=crop, ratio=ratio, image_format=fmt,
+                             f"crop={dir_crop}, ratio={ratio} to another --out directory")
+    manifest.update(dataset=dataset, crop=dir_crop, ratio=ratio, image_format=fmt,
                     class_names=list(source.class_names))
     manifest["splits"][split] = entry
     with open(manifest_path, "w") as f:
@@ -171,7 +175,7 @@ class PreparedSource:
         self.root, self.split, self.path = root, split, path
         self.name = self.manifest.get("dataset") or "prepared"
         self.class_names = tuple(self.manifest.get("class_names", ()))
-        self.crop = self.manifest.get("crop")
+        self.crop = splits[split].get("crop", self.manifest.get("crop"))
         self._records = grain.sources.ArrayRecordDataSource([path])
         if len(self._records) != splits[split]["count"]:
             raise ValueError(f"{path} holds {len(self._records)} records but the manifest says "
