@@ -473,15 +473,16 @@ def build_training_data(config, workdir: str, mesh, start_step: int):
     return featurizer, source, val_batches
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) a STEGO head in `workdir`; returns the last validation metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> dict:
+    """Train (or resume) a STEGO head in `workdir`; returns the last validation metrics and the
+    parameters. `devices` defaults to all devices of all processes."""
     validate(config)
     parallel.initialize_distributed(config)
     prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         save_config(config, workdir)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
 
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
