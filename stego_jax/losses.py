@@ -1,0 +1,318 @@
+"""STEGO losses as pure, jittable functions: bilinear point sampling, feature/code correlations,
+the correspondence-distillation loss, and the cluster- and linear-probe losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def norm(t: Array, eps: float = 1e-10) -> Array:
+    """L2-normalise the last axis, as `F.normalize`: ``t / max(||t||, eps)``.
+
+    Args:
+      t: ``[..., C]``.
+      eps: lower bound on the norm (the official loss uses 1e-10, the cluster probe 1e-12).
+    Returns:
+      ``[..., C]``.
+    """
+    # sqrt(max(|t|^2, eps^2)) == max(|t|, eps) but keeps the gradient finite at t == 0
+    # (the naive form multiplies 0 by the infinite derivative of sqrt at 0).
+    sq = jnp.sum(jnp.square(t), axis=-1, keepdims=True)
+    return t / jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
+def tensor_correlation(a: Array, b: Array) -> Array:
+    """All-pairs dot products between two maps: ``a [B,H,W,C], b [B,I,J,C] -> [B,H,W,I,J]``."""
+    return jnp.einsum("bhwc,bijc->bhwij", a, b)
+
+
+def _sample(t: Array, coords: Array, batch_idx: Array | None = None) -> Array:
+    """`sample`; output ``n`` reads batch element ``batch_idx[n]`` of ``t`` (default ``n``)."""
+    n, hs, ws, _ = coords.shape
+    _, h, w, _ = t.shape
+    # The official code feeds grid_sample with coords.permute(0, 2, 1, 3): output (i, j) reads
+    # coords[:, j, i]. Irrelevant for i.i.d. random coords, but kept for exact equivalence.
+    grid = jnp.swapaxes(coords, 1, 2).astype(t.dtype)
+    # align_corners=True: -1 and +1 are the centres of the first and last pixels; border padding
+    # clamps the source position into the image before interpolating.
+    ix = jnp.clip((grid[..., 0] + 1) * 0.5 * (w - 1), 0, w - 1)
+    iy = jnp.clip((grid[..., 1] + 1) * 0.5 * (h - 1), 0, h - 1)
+    x0f = jnp.floor(ix)
+    y0f = jnp.floor(iy)
+    wx = (ix - x0f)[..., None]
+    wy = (iy - y0f)[..., None]
+    x0 = x0f.astype(jnp.int32)
+    y0 = y0f.astype(jnp.int32)
+    # At the far border the "+1" neighbour has weight 0; clamping it keeps the gather in range.
+    x1 = jnp.minimum(x0 + 1, w - 1)
+    y1 = jnp.minimum(y0 + 1, h - 1)
+    if batch_idx is None:
+        batch_idx = jnp.arange(n)
+    b = jnp.broadcast_to(batch_idx[:, None, None], (n, ws, hs))
+    v00 = t[b, y0, x0]
+    v01 = t[b, y0, x1]
+    v10 = t[b, y1, x0]
+    v11 = t[b, y1, x1]
+    top = v00 * (1 - wx) + v01 * wx
+    bottom = v10 * (1 - wx) + v11 * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def sample(t: Array, coords: Array) -> Array:
+    """Bilinear sampling of a feature map at continuous points, as the official STEGO `sample`.
+
+    Equals ``F.grid_sample(t, coords.permute(0, 2, 1, 3), mode='bilinear', padding_mode='border',
+    align_corners=True)`` in NHWC: because of the official permute, ``out[b, i, j]`` is ``t[b]``
+    read at point ``coords[b, j, i]`` (the sample grid is transposed).
+
+    Args:
+      t: ``[B, H, W, C]``.
+      coords: ``[B, h, w, 2]`` as ``(x, y)`` in ``[-1, 1]``; x indexes W, y indexes H; -1/+1 are the
+        centres of the first/last pixels; points outside are clamped to the border.
+    Returns:
+      ``[B, w, h, C]`` (``[B, h, w, C]`` for the square grids STEGO uses).
+    """
+    if coords.shape[0] != t.shape[0] or coords.shape[-1] != 2:
+        raise ValueError(
+            f"sample: need t [B,H,W,C] and coords [B,h,w,2], got {t.shape}, {coords.shape}"
+        )
+    return _sample(t, coords)
+
+
+def correspondence_term(
+    f1: Array,
+    f2: Array,
+    c1: Array,
+    c2: Array,
+    shift: float | Array,
+    *,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> tuple[Array, Array]:
+    """One term of the correspondence loss (official ``ContrastiveCorrelationLoss.helper``).
+
+    ``loss = -clip(S, min_val[, 0.8]) * (F - shift)`` with ``F`` the cosine correlation of the
+    features (no gradient; with ``pointwise`` each query row is centred over the partner points and
+    the global mean is then added back, as in the official code, unlike the paper's pure centring)
+    and ``S`` the cosine correlation of the codes.
+
+    Args:
+      f1: ``[B, H, W, D]`` features of the first image (already sampled).
+      f2: ``[B, I, J, D]`` features of the second image.
+      c1: ``[B, H, W, K]`` codes at the same points as ``f1``.
+      c2: ``[B, I, J, K]`` codes at the same points as ``f2``.
+      shift: the term's bias ``b``.
+      pointwise: spatial centring of ``F`` (official default True).
+      zero_clamp: clamp ``S`` below at 0 (else at -9999, i.e. effectively not at all).
+      stabilize: also clamp ``S`` above at 0.8 (official ``stabalize``).
+    Returns:
+      ``(loss, cd)``, both ``[B, H, W, I, J]``; ``cd`` is ``S`` before clamping.
+    """
+    fd = jax.lax.stop_gradient(tensor_correlation(norm(f1), norm(f2)))
+    if pointwise:
+        old_mean = jnp.mean(fd)
+        fd = fd - jnp.mean(fd, axis=(3, 4), keepdims=True)
+        fd = fd - jnp.mean(fd) + old_mean
+    cd = tensor_correlation(norm(c1), norm(c2))
+    min_val = 0.0 if zero_clamp else -9999.0
+    clamped = jnp.clip(cd, min_val, 0.8) if stabilize else jnp.maximum(cd, min_val)
+    loss = -clamped * (fd - shift)
+    return loss, cd
+
+
+def super_perm(key: Array, n: int) -> Array:
+    """Random map of ``range(n)`` onto itself with no fixed points (official ``super_perm``).
+
+    A random permutation whose fixed points ``i`` are sent to ``(i + 1) % n``; hence never
+    ``perm[i] == i`` (for ``n >= 2``) but collisions are possible: it is not a bijection.
+
+    Returns:
+      int32 ``[n]``.
+    """
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+    ar = jnp.arange(n, dtype=jnp.int32)
+    return jnp.where(perm == ar, perm + 1, perm) % n
+
+
+def correspondence_loss_given_draws(
+    feats: Array,
+    feats_pos: Array,
+    code: Array,
+    code_pos: Array,
+    coords1: Array,
+    coords2: Array,
+    neg_perms: Array,
+    *,
+    pos_intra_weight: float,
+    pos_inter_weight: float,
+    neg_inter_weight: float,
+    pos_intra_shift: float,
+    pos_inter_shift: float,
+    neg_inter_shift: float,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+    """`stego_correspondence_loss` with its random draws given explicitly (for tests and reuse).
+
+    Args:
+      feats, feats_pos: ``[B, h, w, C]`` full feature maps of the anchor and its KNN partner.
+      code, code_pos: ``[B, h, w, K]`` their codes.
+      coords1, coords2: ``[B, S, S, 2]`` sample points (see `sample`) for anchor and partner.
+      neg_perms: int ``[N, B]``, one anchor-batch index map per negative draw.
+    Returns:
+      ``(loss, aux)``: scalar total loss and a dict of scalar means of each term's loss and cd.
+    """
+    term = lambda f1, f2, c1, c2, s: correspondence_term(  # noqa: E731
+        f1, f2, c1, c2, s, pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize
+    )
+    n_neg = neg_perms.shape[0]
+    f_s = _sample(feats, coords1)
+    c_s = _sample(code, coords1)
+    fp_s = _sample(feats_pos, coords2)
+    cp_s = _sample(code_pos, coords2)
+
+    intra_loss, intra_cd = term(f_s, f_s, c_s, c_s, pos_intra_shift)
+    inter_loss, inter_cd = term(f_s, fp_s, c_s, cp_s, pos_inter_shift)
+
+    # All negative draws at once: row n*B + b reads anchor element neg_perms[n, b] at coords2[b];
+    # gathering by index avoids materialising feats[perm] (N full feature maps).
+    idx = neg_perms.reshape(-1).astype(jnp.int32)
+    coords2_rep = jnp.tile(coords2, (n_neg, 1, 1, 1))
+    split = lambda x: x.reshape(n_neg, -1, *x.shape[1:])  # noqa: E731
+    fn_s = split(_sample(feats, coords2_rep, idx))
+    cn_s = split(_sample(code, coords2_rep, idx))
+    # vmap, not one big batch: with `pointwise` the global mean added back to F is per draw in the
+    # official code (one helper call per draw), so draws must not share it.
+    neg_loss, neg_cd = jax.vmap(lambda fn, cn: term(f_s, fn, c_s, cn, neg_inter_shift))(fn_s, cn_s)
+
+    aux = {
+        "pos_intra_loss": jnp.mean(intra_loss),
+        "pos_inter_loss": jnp.mean(inter_loss),
+        "neg_inter_loss": jnp.mean(neg_loss),
+        "pos_intra_cd": jnp.mean(intra_cd),
+        "pos_inter_cd": jnp.mean(inter_cd),
+        "neg_inter_cd": jnp.mean(neg_cd),
+    }
+    total = (
+        pos_inter_weight * aux["pos_inter_loss"]
+        + pos_intra_weight * aux["pos_intra_loss"]
+        + neg_inter_weight * aux["neg_inter_loss"]
+    )
+    return total, aux
+
+
+def stego_correspondence_loss(
+    key: Array,
+    feats: Array,
+    feats_pos: Array,
+    code: Array,
+    code_pos: Array,
+    *,
+    pos_intra_weight: float,
+    pos_inter_weight: float,
+    neg_inter_weight: float,
+    pos_intra_shift: float,
+    pos_inter_shift: float,
+    neg_inter_shift: float,
+    feature_samples: int = 11,
+    neg_samples: int = 5,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+    """The STEGO correspondence loss (official ``ContrastiveCorrelationLoss`` and its weighting).
+
+    ``loss = pos_inter_weight * mean(L_knn) + pos_intra_weight * mean(L_self)
+    + neg_inter_weight * mean(L_neg)``: self term (anchor vs itself at the same S x S points),
+    KNN term (anchor vs its partner), and ``neg_samples`` random-negative terms, each pairing every
+    anchor with another element of the *anchor* batch (`super_perm`) sampled at the partner points.
+    The official multiplier ``correspondence_weight`` is left to the caller.
+
+    Args:
+      key: PRNG key; all draws (points and negative maps) derive from it deterministically.
+      feats, feats_pos: ``[B, h, w, C]`` backbone features of the anchor and KNN images.
+      code, code_pos: ``[B, h, w, K]`` head codes.
+      feature_samples: S, points per side of the random sample grid (S*S points per image).
+      neg_samples: number of random-negative draws.
+    Returns:
+      ``(loss, aux)``: scalar loss; ``aux`` maps ``{pos_intra,pos_inter,neg_inter}_{loss,cd}`` to
+      scalar means (for logging).
+    Raises:
+      ValueError: if ``B < 2`` (negatives need another image in the batch), or no samples/draws.
+    """
+    b = feats.shape[0]
+    if b < 2:
+        raise ValueError(
+            f"stego_correspondence_loss needs a batch of at least 2 for negatives, got B={b}"
+        )
+    if feature_samples < 1 or neg_samples < 1:
+        raise ValueError(
+            "stego_correspondence_loss: feature_samples and neg_samples must be >= 1, got "
+            f"{feature_samples}, {neg_samples}"
+        )
+    k1, k2, kn = jax.random.split(key, 3)
+    shape = (b, feature_samples, feature_samples, 2)
+    coords1 = jax.random.uniform(k1, shape, feats.dtype, -1.0, 1.0)
+    coords2 = jax.random.uniform(k2, shape, feats.dtype, -1.0, 1.0)
+    neg_perms = jax.vmap(lambda k: super_perm(k, b))(jax.random.split(kn, neg_samples))
+    return correspondence_loss_given_draws(
+        feats, feats_pos, code, code_pos, coords1, coords2, neg_perms,
+        pos_intra_weight=pos_intra_weight, pos_inter_weight=pos_inter_weight,
+        neg_inter_weight=neg_inter_weight, pos_intra_shift=pos_intra_shift,
+        pos_inter_shift=pos_inter_shift, neg_inter_shift=neg_inter_shift,
+        pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize,
+    )
+
+
+def cluster_probe_loss(cos: Array) -> Array:
+    """Hard-assignment cosine k-means loss (official ``ClusterLookup`` with ``alpha=None``).
+
+    Args:
+      cos: ``[..., K]`` cosine similarity of each code to each centroid.
+    Returns:
+      scalar ``-mean over pixels of cos[argmax cos]``.
+    """
+    k = jnp.argmax(cos, axis=-1)
+    best = jnp.take_along_axis(cos, k[..., None], axis=-1)[..., 0]
+    return -jnp.mean(best)
+
+
+def upsample_bilinear(x: Array, hw: tuple[int, int]) -> Array:
+    """Bilinear resize, as ``F.interpolate(mode='bilinear', align_corners=False)``.
+
+    Args:
+      x: ``[B, h, w, C]``.
+      hw: target ``(H, W)``.
+    Returns:
+      ``[B, H, W, C]``.
+    """
+    # antialias=False: torch's bilinear does not low-pass when shrinking, so neither do we.
+    return jax.image.resize(x, (x.shape[0], hw[0], hw[1], x.shape[-1]), "linear", antialias=False)
+
+
+def linear_probe_loss(logits: Array, labels: Array, n_classes: int) -> Array:
+    """Cross-entropy of the linear probe on the valid pixels (official linear-probe loss).
+
+    Logits are upsampled bilinearly (align_corners=False) to the label size first; pixels with a
+    label outside ``[0, n_classes)`` are ignored.
+
+    Args:
+      logits: ``[B, h, w, n_classes]``.
+      labels: int ``[B, H, W]``.
+      n_classes: number of classes.
+    Returns:
+      scalar mean cross-entropy over valid pixels; 0 if there is none. (Deliberate difference:
+      the official CrossEntropyLoss on an empty selection returns NaN.)
+    """
+    up = upsample_bilinear(logits, labels.shape[1:3])
+    logp = jax.nn.log_softmax(up, axis=-1)
+    valid = (labels >= 0) & (labels < n_classes)
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype)
