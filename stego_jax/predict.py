@@ -112,8 +112,9 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
     crf = bool(config.eval.crf) if crf is None else crf
     featurizer = build_featurizer_for_run(config, workdir)
     modules = build_modules(config)
-    params = restore_params(workdir, config, featurizer.dim)
+    # One device: images of different sizes come in small groups, not worth a mesh.
     mesh = parallel.make_mesh(jax.devices()[:1])
+    params = jax.device_put(restore_params(workdir, config, featurizer.dim), jax.devices()[0])
     code_fn = make_code_fn(config, modules, make_featurize(featurizer, mesh), flip=config.eval.flip)
     _, cluster, linear = modules
     names, lut = legend_names(workdir, config, use_linear)
