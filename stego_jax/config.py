@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.featurizer = "dino"
     c.model.backbone = "dino_vits8_300ep"
+    c.model.num_heads = 0  # 0: inferred (width // 64, as DINO); set for other local checkpoints
     c.model.patch_size = 8
     c.model.dtype = "float32"
     c.model.dim = 70
@@ -55,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn.k = 30
     c.knn.num_neighbors = 7
     c.knn.dir = ""  # default: <data.root>/nns
+    c.knn.splits = ("train",)  # training reads only the train table (the official script also writes val)
 
     c.feature_cache = ml_collections.ConfigDict()
     c.feature_cache.enabled = False

@@ -3,6 +3,7 @@ top-k tables, their `.npz` files, and the `python -m stego_jax.knn` command line
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,15 @@ def _normalize_np(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_k_rows(q: jax.Array, d: jax.Array, k: int) -> jax.Array:
+    """Indices of the k most similar database rows for each query row (follows the inputs'
+    shardings: query rows sharded, database replicated). Module level so repeated calls reuse
+    the compiled program."""
+    sims = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.top_k(sims, k)[1]
+
+
 def knn_table(desc: Any, k: int = 30, chunk: int = 1024) -> np.ndarray:
     """Exact cosine k nearest neighbours of every descriptor within the same set.
 
@@ -71,24 +81,22 @@ def knn_table(desc: Any, k: int = 30, chunk: int = 1024) -> np.ndarray:
       `torch.topk` does not specify tie order.
 
     With several devices the query rows of each chunk are sharded over a 1-D mesh of
-    `jax.devices()` and the database is replicated; rows are independent, so no communication.
+    `jax.local_devices()` and the database is replicated; rows are independent, so no communication.
     """
     db = _normalize_np(desc)
     n = db.shape[0]
     if not 0 < k <= n:
         raise ValueError(f"k={k} must be in [1, N={n}]")
-    devices = jax.devices()
+    # This process's devices: with several processes every one needs the whole table, and an
+    # output sharded over all processes' devices could not be read back here.
+    devices = jax.local_devices()
     n_dev = len(devices)
     chunk = max(1, min(chunk, n))
     chunk = -(-chunk // n_dev) * n_dev
     mesh = Mesh(np.array(devices), ("q",))
     rows, repl = NamedSharding(mesh, P("q")), NamedSharding(mesh, P())
 
-    def top(q, d):
-        sims = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
-        return jax.lax.top_k(sims, k)[1]
-
-    top = jax.jit(top, in_shardings=(rows, repl), out_shardings=rows)
+    top = functools.partial(_top_k_rows, k=k)
     db_dev = jax.device_put(db, repl)
     out = np.empty((n, k), np.int32)
     for start in range(0, n, chunk):

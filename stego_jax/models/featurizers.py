@@ -4,6 +4,7 @@ descriptor for the offline demo. A registry, so a new backbone is an entry, not 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -51,7 +52,12 @@ def build_dino(config) -> Featurizer:
     from stego_jax.models.vit import VisionTransformer, patch_tokens_to_map
     from stego_jax.weights import load_dino
 
-    vit_config, params = load_dino(config.model.backbone)
+    from stego_jax.weights.registry import REGISTRY
+
+    backbone = str(config.model.backbone)
+    vit_config, params = load_dino(backbone, num_heads=int(config.model.get("num_heads", 0)) or None)
+    # A short name for file names (k-NN tables, caches): the registry name or the file's stem.
+    name = backbone if backbone in REGISTRY else os.path.splitext(os.path.basename(backbone))[0]
     model = VisionTransformer(vit_config, dtype=_dtype(config.model.get("dtype", "float32")))
     p = vit_config.patch_size
 
@@ -62,12 +68,12 @@ def build_dino(config) -> Featurizer:
 
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return Featurizer(
-        name=str(config.model.backbone),
+        name=name,
         apply=apply,
         params=params,
         patch_size=p,
         dim=vit_config.embed_dim,
-        description=f"frozen DINO ViT ({config.model.backbone}, patch {p}, dim {vit_config.embed_dim})",
+        description=f"frozen DINO ViT ({backbone}, patch {p}, dim {vit_config.embed_dim})",
     )
 
 
