@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.feature_cache = ml_collections.ConfigDict()
     c.feature_cache.enabled = False
-    c.feature_cache.dir = ""
+    c.feature_cache.dir = ""  # non-empty: bf16 shards on disk (stego_jax/feature_cache.py); empty: in memory
+    c.feature_cache.dtype = "bfloat16"  # "float32" stores the features exactly
+    c.feature_cache.shard_rows = 0  # 0: automatic
 
     c.log_every = 10
     c.eval_every = 100
@@ -82,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     c.distributed.auto = False
+    c.distributed.cpu_devices = 0  # >0: simulate this many local CPU devices (tests, debugging)
     return c
 
 

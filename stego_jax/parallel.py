@@ -11,18 +11,72 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
+# Environment fallbacks of `config.distributed.*` (a launcher such as SLURM or a test sets them
+# per process without editing the config file).
+ENV_COORDINATOR = "STEGO_COORDINATOR"
+ENV_NUM_PROCESSES = "STEGO_NUM_PROCESSES"
+ENV_PROCESS_ID = "STEGO_PROCESS_ID"
+ENV_CPU_DEVICES = "STEGO_CPU_DEVICES"
 
-def initialize_distributed(config: Any = None) -> bool:
-    """Start `jax.distributed` when a coordinator is configured.
 
-    Sources, in order: `config.distributed.{coordinator_address,num_processes,process_id}`,
-    then the environment (`STEGO_COORDINATOR`, `STEGO_NUM_PROCESSES`, `STEGO_PROCESS_ID`).
-    On TPU pods / SLURM, `jax.distributed.initialize()` with no arguments discovers the
-    cluster itself: set `config.distributed.auto=True`. Returns True if started.
+def _field(dist: Any, name: str, unset: Any, env: str | None) -> Any:
+    """`config.distributed.<name>` unless it holds its 'unset' value (base_config uses "", 0 and
+    -1, since ml_collections fields keep their type), then the environment, else None."""
+    value = dist.get(name, unset) if dist is not None else unset
+    if value is not None and value != unset:
+        return value
+    raw = os.environ.get(env, "") if env else ""
+    return raw if raw != "" else None
+
+
+def _int(value: Any, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r} must be an integer") from None
+
+
+def set_cpu_devices(config: Any = None) -> int | None:
+    """Simulate `config.distributed.cpu_devices` (or $STEGO_CPU_DEVICES) CPU devices in this process.
+
+    Only effective before the JAX backend starts (the first computation or `jax.devices()`), so
+    programs call it first thing. Used to run several processes x several CPU devices on one
+    machine (the multi-host test); 0/unset leaves JAX's default. Returns the count set, or None.
     """
     dist = config.get("distributed", None) if config is not None else None
-    addr = (dist.get("coordinator_address") if dist else None) or os.environ.get("STEGO_COORDINATOR")
-    auto = bool(dist.get("auto", False)) if dist else False
+    n = _field(dist, "cpu_devices", 0, ENV_CPU_DEVICES)
+    if n is None:
+        return None
+    n = _int(n, f"config.distributed.cpu_devices (or ${ENV_CPU_DEVICES})")
+    if n <= 0:
+        raise ValueError(f"config.distributed.cpu_devices (or ${ENV_CPU_DEVICES}) = {n} must be positive")
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        have = len(jax.local_devices(backend="cpu"))
+        if have != n:
+            raise RuntimeError(
+                f"config.distributed.cpu_devices={n} but the JAX backend already started with {have} "
+                f"CPU devices; set it before any JAX computation (e.g. ${ENV_CPU_DEVICES}={n} in the "
+                f"environment of the program)")
+        return n
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
+def initialize_distributed(config: Any = None) -> bool:
+    """Start `jax.distributed` when a coordinator is configured (call before any JAX computation).
+
+    Sources, field by field: `config.distributed.{coordinator_address, num_processes, process_id}`
+    ("" / 0 / -1 mean unset), then the environment (`STEGO_COORDINATOR`, `STEGO_NUM_PROCESSES`,
+    `STEGO_PROCESS_ID`). On TPU pods / SLURM, `jax.distributed.initialize()` with no arguments
+    discovers the cluster itself: set `config.distributed.auto=True`. Also applies
+    `set_cpu_devices` first. Returns True if running distributed.
+    """
+    set_cpu_devices(config)
+    dist = config.get("distributed", None) if config is not None else None
+    addr = _field(dist, "coordinator_address", "", ENV_COORDINATOR)
+    auto = bool(dist.get("auto", False)) if dist is not None else False
     if not addr and not auto:
         return False
     if jax.distributed.is_initialized():
@@ -30,16 +84,19 @@ def initialize_distributed(config: Any = None) -> bool:
     if auto:
         jax.distributed.initialize()
         return True
-    num = (dist.get("num_processes") if dist else None) or os.environ.get("STEGO_NUM_PROCESSES")
-    pid = dist.get("process_id") if dist else None
-    if pid is None:
-        pid = os.environ.get("STEGO_PROCESS_ID")
+    num = _field(dist, "num_processes", 0, ENV_NUM_PROCESSES)
+    pid = _field(dist, "process_id", -1, ENV_PROCESS_ID)
     if num is None or pid is None:
         raise ValueError(
-            "config.distributed.coordinator_address is set but num_processes/process_id are not; "
-            "set both (or STEGO_NUM_PROCESSES / STEGO_PROCESS_ID)"
-        )
-    jax.distributed.initialize(addr, num_processes=int(num), process_id=int(pid))
+            f"the coordinator {addr!r} is set (config.distributed.coordinator_address or "
+            f"${ENV_COORDINATOR}) but config.distributed.num_processes / process_id are not; set both "
+            f"(or ${ENV_NUM_PROCESSES} / ${ENV_PROCESS_ID})")
+    num = _int(num, f"config.distributed.num_processes (or ${ENV_NUM_PROCESSES})")
+    pid = _int(pid, f"config.distributed.process_id (or ${ENV_PROCESS_ID})")
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes; got "
+                         f"num_processes={num}, process_id={pid} (config.distributed or the environment)")
+    jax.distributed.initialize(str(addr), num_processes=num, process_id=pid)
     return True
 
 
@@ -47,6 +104,11 @@ def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D data-parallel mesh over all devices of all processes."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices only: for work each process does alone (no collectives)."""
+    return make_mesh(jax.local_devices())
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -72,6 +134,24 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
         )
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a `data_sharding(mesh)` batch of `global_batch` that live on this process.
+
+    Read from the sharding rather than assumed to be `[i*B/P, (i+1)*B/P)`, so a mesh whose
+    devices are not ordered by process still gets each process's own rows; they must be one
+    contiguous block, as `jax.make_array_from_process_local_data` takes one block per process.
+    """
+    index_map = data_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+    stops = sorted({global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()})
+    lo, hi = starts[0], stops[-1]
+    if sum(b - a for a, b in zip(starts, stops)) != hi - lo:
+        raise ValueError(
+            f"this process's devices hold non-contiguous rows of the batch ({list(zip(starts, stops))}); "
+            "build the mesh from jax.devices() (ordered by process)")
+    return slice(lo, hi)
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Process-local numpy batch -> global jax arrays sharded along the batch axis."""
     sharding = data_sharding(mesh)
@@ -79,3 +159,30 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in batch.items()
     }
+
+
+def gather_to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-process) jax array -> the whole array as numpy on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's value of a small numpy/scalar tree on every process (no-op with one process):
+    used where processes must take the same branch (e.g. 'does the cache exist?')."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(value)

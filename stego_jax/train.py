@@ -79,9 +79,12 @@ def loss_fn(params, batch, key, config, modules):
     """Total loss: correspondence (head) + cluster probe + linear probe (on detached codes)."""
     head, cluster, linear = modules
     k_drop, k_drop_pos, k_loss = jax.random.split(key, 3)
-    feats, code = head.apply({"params": params["head"]}, batch["feats"], train=True,
-                             rngs={"dropout": k_drop})
-    feats_pos, code_pos = head.apply({"params": params["head"]}, batch["feats_pos"], train=True,
+    # A bfloat16 on-disk feature cache (feature_cache.py) ships half the bytes to the device; the
+    # head and the loss still compute in float32 (a no-op for float32 features).
+    f_in = batch["feats"].astype(jnp.float32)
+    f_pos_in = batch["feats_pos"].astype(jnp.float32)
+    feats, code = head.apply({"params": params["head"]}, f_in, train=True, rngs={"dropout": k_drop})
+    feats_pos, code_pos = head.apply({"params": params["head"]}, f_pos_in, train=True,
                                      rngs={"dropout": k_drop_pos})
     lc = config.loss
     corr, aux = losses.stego_correspondence_loss(
@@ -171,16 +174,34 @@ def make_predict_fn(config, modules):
     return predict
 
 
-def validate_probes(config, params, predict, val_batches) -> dict:
+def make_confusion_fn(config, modules, mesh):
+    """(params, feats [B,h,w,C], labels [B,H,W]) sharded over `mesh` -> the cluster and linear
+    confusion counts of the batch, replicated: with several processes the predictions are
+    global arrays no process holds whole, so the counting happens on device and only the small
+    matrices come back (labels -1, e.g. padding rows, are not counted)."""
+    predict = make_predict_fn(config, modules)
+    n = config.data.n_classes
+    n_clusters = n + config.model.extra_clusters
+    rep = parallel.replicated(mesh)
+    dat = parallel.data_sharding(mesh)
+
+    def confusions(params, feats, labels):
+        pc, pl = predict(params, feats, tuple(labels.shape[1:3]))
+        return metrics.confusion(pc, labels, n, n_clusters), metrics.confusion(pl, labels, n, n)
+
+    return jax.jit(confusions, in_shardings=(rep, dat, dat), out_shardings=(rep, rep))
+
+
+def validate_probes(config, params, confusion_fn, val_batches) -> dict:
     """Hungarian-matched cluster-probe and plain linear-probe scores over the validation set."""
     n = config.data.n_classes
     n_clusters = n + config.model.extra_clusters
     conf_c = np.zeros((n_clusters, n), np.int64)
     conf_l = np.zeros((n, n), np.int64)
     for feats, labels in val_batches():
-        pc, pl = predict(params, feats, tuple(labels.shape[1:3]))
-        conf_c += np.asarray(metrics.confusion(pc, labels, n, n_clusters))
-        conf_l += np.asarray(metrics.confusion(pl, labels, n, n))
+        cc, cl_ = confusion_fn(params, feats, labels)
+        conf_c += np.asarray(cc)
+        conf_l += np.asarray(cl_)
     cl = metrics.scores_from_confusion(conf_c, n, hungarian=True,
                                        extra_clusters=config.model.extra_clusters)
     li = metrics.scores_from_confusion(conf_l, n, hungarian=False)
@@ -194,21 +215,41 @@ def validate_probes(config, params, predict, val_batches) -> dict:
 
 class CachedFeatures:
     """All training features computed once (frozen backbone, deterministic crops): a step only
-    gathers rows. Host memory: N*h*w*C floats."""
+    gathers rows. Host memory: N*h*w*C floats on every process."""
 
     def __init__(self, feats: np.ndarray, labels: np.ndarray, knn: np.ndarray, config, mesh):
         self.feats, self.labels, self.knn, self.config, self.mesh = feats, labels, knn, config, mesh
+        self.rows = parallel.process_rows(mesh, config.batch_size)
 
-    def batch(self, step: int) -> dict:
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset indices of this process's anchors and positives at `step` (the global plan is
+        the same on every process; each takes the rows its devices hold)."""
         from stego_jax.data import plan_step
 
         c = self.config
-        plan = plan_step(len(self.feats), step, global_batch=c.batch_size, seed=c.seed, knn=self.knn,
+        plan = plan_step(len(self.knn), step, global_batch=c.batch_size, seed=c.seed, knn=self.knn,
                          num_neighbors=c.knn.num_neighbors)
-        sl = _process_slice(c.batch_size)
-        idx, pos = plan["index"][sl], plan["index_pos"][sl]
+        return plan["index"][self.rows], plan["index_pos"][self.rows]
+
+    def batch(self, step: int) -> dict:
+        idx, pos = self.plan(step)
         return parallel.shard_batch(
             {"feats": self.feats[idx], "feats_pos": self.feats[pos], "label": self.labels[idx]}, self.mesh)
+
+
+class DiskFeatures(CachedFeatures):
+    """Training features read from the on-disk cache (`feature_cache.FeatureCache`): each step
+    reads only its rows from memory-mapped shards, so host memory does not grow with the set.
+    Features stay in the cache dtype (bfloat16 by default) until the step upcasts them."""
+
+    def __init__(self, cache, knn: np.ndarray, config, mesh):
+        super().__init__(None, None, knn, config, mesh)
+        self.cache = cache
+
+    def batch(self, step: int) -> dict:
+        idx, pos = self.plan(step)
+        return parallel.shard_batch({"feats": self.cache.features(idx), "feats_pos": self.cache.features(pos),
+                                     "label": self.cache.labels(idx)}, self.mesh)
 
 
 class StreamedFeatures:
@@ -219,9 +260,12 @@ class StreamedFeatures:
         from stego_jax.data import batches
 
         self.featurize, self.fparams, self.mesh = featurize, fparams, mesh
-        self.it = batches(dataset, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-                          start_step=start_step, process_index=jax.process_index(),
-                          process_count=jax.process_count(), knn=knn,
+        rows = parallel.process_rows(mesh, config.batch_size)
+        per = rows.stop - rows.start
+        # `batches` hands process i the block [i*per, (i+1)*per) of the global plan: name the block
+        # this process's devices hold.
+        self.it = batches(dataset, batch_size=per, seed=config.seed, start_step=start_step,
+                          process_index=rows.start // per, process_count=config.batch_size // per, knn=knn,
                           num_neighbors=config.knn.num_neighbors, num_workers=config.data.num_workers)
 
     def batch(self, step: int) -> dict:
@@ -232,25 +276,43 @@ class StreamedFeatures:
                 "feats_pos": self.featurize(self.fparams, arr["image_pos"]), "label": arr["label"]}
 
 
-def _process_slice(global_batch: int) -> slice:
-    per = global_batch // jax.process_count()
-    i = jax.process_index()
-    return slice(i * per, (i + 1) * per)
+def _chunk_size(n: int, batch: int, mesh) -> int:
+    """Rows per featurizer call: a multiple of the device count, no larger than needed for `n`."""
+    n_dev = mesh.devices.size
+    want = min(max(batch, 1), n)
+    return max(n_dev, -(-want // n_dev) * n_dev)
+
+
+def featurize_sharded(featurize, fparams, images: np.ndarray, mesh) -> jax.Array:
+    """Features of one chunk of uint8 images [B,H,W,3] (B a multiple of the device count), every
+    process passing the same chunk: each puts only its own rows on its devices, so the call is
+    one data-parallel program over all processes. Returns the global sharded features."""
+    rows = parallel.process_rows(mesh, len(images))
+    local = jax.make_array_from_process_local_data(parallel.data_sharding(mesh), images[rows])
+    return featurize(fparams, local)
+
+
+def _pad_rows(x: np.ndarray, size: int, fill=None) -> np.ndarray:
+    pad = size - len(x)
+    if pad <= 0:
+        return x
+    tail = np.repeat(x[-1:], pad, 0) if fill is None else np.full((pad,) + x.shape[1:], fill, x.dtype)
+    return np.concatenate([x, tail])
 
 
 def compute_features(featurize, fparams, images: np.ndarray, mesh, batch: int) -> np.ndarray:
-    """Frozen features of a uint8 image array [N,H,W,3] (padded to whole device batches)."""
-    n_dev = mesh.devices.size
-    batch = max(n_dev, (batch // n_dev) * n_dev)
+    """Frozen features [N,h,w,C] float32 of a uint8 image array [N,H,W,3], whole on every process.
+
+    Every process must call it with the same `images`; each featurizes its share of every chunk
+    and the shares are all-gathered. Chunks are padded to one size, so one program is compiled.
+    With a `parallel.local_mesh()` it runs on this process's devices alone.
+    """
+    size = _chunk_size(len(images), batch, mesh)
     out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        pad = (-len(chunk)) % n_dev
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        arr = jax.device_put(chunk, parallel.data_sharding(mesh))
-        f = np.asarray(jax.device_get(featurize(fparams, arr)))
-        out.append(f[:len(f) - pad] if pad else f)
+    for i in range(0, len(images), size):
+        chunk = images[i:i + size]
+        f = parallel.gather_to_host(featurize_sharded(featurize, fparams, _pad_rows(chunk, size), mesh))
+        out.append(f[:len(chunk)])
     return np.concatenate(out)
 
 
@@ -362,18 +424,26 @@ class Checkpoints:
         self.best.close()
 
 
-def restore_params(workdir: str, config, feat_dim: int, which: str = "best") -> PyTree:
-    """Params of a finished run (the best checkpoint if there is one, else the last)."""
+def restore_params(workdir: str, config, feat_dim: int, which: str = "best", mesh=None) -> PyTree:
+    """Params of a finished run (the best checkpoint if there is one, else the last), replicated
+    over `mesh` (default: all devices of all processes).
+
+    The target sharding is always given: a checkpoint written by another topology (e.g. 2
+    processes x 4 devices, evaluated in 1 process) cannot be restored to its saved sharding.
+    """
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
     mgr = ckpts.best if which == "best" else ckpts.last
     step = mgr.best_step() if which == "best" else mgr.latest_step()
     if step is None:
         mgr, step = ckpts.last, ckpts.last.latest_step()
     if step is None:
+        ckpts.close()
         raise FileNotFoundError(
             f"no checkpoint in {workdir}/checkpoints; train first: "
             f"python -m stego_jax.train --config <config> --workdir {workdir}")
     abstract = jax.eval_shape(lambda: create_state(config, feat_dim, jax.random.key(0)))
+    rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
     state = mgr.restore(step, args=ckpts.ocp.args.StandardRestore(abstract))
     ckpts.close()
     return state["params"]
@@ -386,7 +456,8 @@ def restore_params(workdir: str, config, feat_dim: int, which: str = "best") -> 
 def prepare_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe name per process: several processes share the workdir.
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -408,44 +479,80 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def build_train_featurizer(config, workdir: str | None, train_ds, train_images: np.ndarray | None = None):
+    """The frozen featurizer of a run. The 'descriptor' demo featurizer z-scores with statistics
+    fitted on the training images and kept in `<workdir>/featurizer.npz` (fitted again when
+    `workdir` is None or has none: the fit is deterministic)."""
+    from stego_jax.models.featurizers import build_featurizer
+
+    if config.model.featurizer != "descriptor":
+        return build_featurizer(config)
+    from stego_jax.data.transforms import normalize
+
+    stats_path = os.path.join(workdir, "featurizer.npz") if workdir else None
+    have = bool(stats_path) and os.path.exists(stats_path)
+    # Every process looks before process 0 may write, so none reads a half-written file.
+    parallel.barrier("stego_featurizer_stats_checked")
+    if have:
+        return build_featurizer(config, stats=dict(np.load(stats_path)))
+    if train_images is None:
+        train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
+    featurizer = build_featurizer(config, fit_images=normalize(train_images))
+    if stats_path and jax.process_index() == 0:
+        tmp = stats_path + ".tmp.npz"
+        np.savez(tmp, **{k: np.asarray(v) for k, v in featurizer.params.items()})
+        os.replace(tmp, stats_path)
+    return featurizer
+
+
+def local_featurize_fn(featurizer, batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images [B<=batch,H,W,3] -> float32 features on this process's devices alone (no
+    collectives): for work processes split among themselves, such as building the on-disk
+    feature cache. Calls are padded to one size, so one program is compiled."""
+    mesh = parallel.local_mesh()
+    featurize = make_featurize(featurizer, mesh)
+    size = _chunk_size(batch, batch, mesh)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        out = [compute_features(featurize, featurizer.params, _pad_rows(images[i:i + size], size), mesh, size)
+               [:len(images[i:i + size])] for i in range(0, len(images), size)]
+        return np.concatenate(out)
+
+    return run
+
+
 def build_training_data(config, workdir: str, mesh, start_step: int):
     """The featurizer, the per-step training batches and the validation batches for `config`."""
+    from stego_jax import feature_cache
     from stego_jax import knn as knn_lib
     from stego_jax.data import build_dataset
     from stego_jax.evaluate import eval_config
-    from stego_jax.models.featurizers import build_featurizer
 
     train_ds = build_dataset(config, "train")
-    kwargs = {}
+    cache_dir = feature_cache.cache_dir(config)
+    in_memory = bool(config.feature_cache.enabled) and not cache_dir
     train_images = None
-    if config.feature_cache.enabled:
+    if in_memory:
         train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
-    if config.model.featurizer == "descriptor":
-        from stego_jax.data.transforms import normalize
-
-        stats_path = os.path.join(workdir, "featurizer.npz")
-        if os.path.exists(stats_path):
-            kwargs["stats"] = dict(np.load(stats_path))
-        else:
-            if train_images is None:
-                train_images = np.stack([train_ds[i]["image"] for i in range(len(train_ds))])
-            kwargs["fit_images"] = normalize(train_images)
-    featurizer = build_featurizer(config, **kwargs)
-    if config.model.featurizer == "descriptor" and jax.process_index() == 0:
-        np.savez(os.path.join(workdir, "featurizer.npz"),
-                 **{k: np.asarray(v) for k, v in featurizer.params.items()})
+    featurizer = build_train_featurizer(config, workdir, train_ds, train_images)
     featurize = make_featurize(featurizer, mesh)
 
-    if config.feature_cache.enabled:
+    def descriptor_knn(descriptors) -> np.ndarray:
+        # No precompute CLI for the demo featurizer: the table comes from the cached features
+        # (GAP + cosine top-k, as the official precompute, without its dropout quirk).
+        return np.asarray(knn_lib.knn_table(descriptors, k=min(config.knn.k, len(descriptors))))
+
+    if cache_dir:
+        cache = feature_cache.open_or_build(cache_dir, config, featurizer, train_ds,
+                                            local_featurize_fn(featurizer))
+        table = (descriptor_knn(cache.descriptors()) if config.model.featurizer == "descriptor"
+                 else load_train_knn(config, featurizer, train_ds))
+        source = DiskFeatures(cache, table, config, mesh)
+    elif in_memory:
         feats = compute_features(featurize, featurizer.params, train_images, mesh, 256)
         labels = np.stack([train_ds[i]["label"] for i in range(len(train_ds))]).astype(np.int32)
-        if config.model.featurizer == "descriptor":
-            # No precompute CLI for the demo featurizer: the table comes from the cached features
-            # (GAP + cosine top-k, as the official precompute, without its dropout quirk).
-            table = np.asarray(knn_lib.knn_table(knn_lib.global_descriptors(jnp.asarray(feats)),
-                                                 k=min(config.knn.k, len(feats))))
-        else:
-            table = load_train_knn(config, featurizer, train_ds)
+        table = (descriptor_knn(knn_lib.global_descriptors(jnp.asarray(feats)))
+                 if config.model.featurizer == "descriptor" else load_train_knn(config, featurizer, train_ds))
         source = CachedFeatures(feats, labels, table, config, mesh)
     else:
         table = load_train_knn(config, featurizer, train_ds)
@@ -453,21 +560,22 @@ def build_training_data(config, workdir: str, mesh, start_step: int):
 
     val_ds = build_dataset(eval_config(config), "val")
     n_val = min(len(val_ds), config.num_val_images or len(val_ds))
-    n_dev = mesh.devices.size
     cache: list = []
 
     def val_batches():
-        """Validation features are computed once and kept (frozen backbone)."""
+        """Validation features are computed once and kept, sharded over the mesh (frozen backbone).
+        The last batch is padded to the common size with label -1 rows, which are not counted."""
         if cache:
             yield from cache
             return
-        b = max(n_dev, config.eval.batch_size // n_dev * n_dev)
+        b = _chunk_size(n_val, config.eval.batch_size, mesh)
         for i in range(0, n_val, b):
             items = [val_ds[j] for j in range(i, min(i + b, n_val))]
-            images = np.stack([it["image"] for it in items])
-            labels = np.stack([it["label"] for it in items]).astype(np.int32)
-            f = compute_features(featurize, featurizer.params, images, mesh, b)
-            cache.append((jnp.asarray(f), jnp.asarray(labels)))
+            images = _pad_rows(np.stack([it["image"] for it in items]), b)
+            labels = _pad_rows(np.stack([it["label"] for it in items]).astype(np.int32), b, fill=-1)
+            rows = parallel.process_rows(mesh, b)
+            cache.append((featurize_sharded(featurize, featurizer.params, images, mesh),
+                          jax.make_array_from_process_local_data(parallel.data_sharding(mesh), labels[rows])))
             yield cache[-1]
 
     return featurizer, source, val_batches
@@ -475,9 +583,15 @@ def build_training_data(config, workdir: str, mesh, start_step: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> dict:
     """Train (or resume) a STEGO head in `workdir`; returns the last validation metrics and the
-    parameters. `devices` defaults to all devices of all processes."""
+    parameters. `devices` defaults to all devices of all processes.
+
+    Multi-process (config.distributed or $STEGO_COORDINATOR...): every process runs this same
+    function on the same config and workdir (a shared filesystem); each feeds only the rows of
+    the global batch its devices hold; process 0 alone writes config.json, featurizer.npz,
+    metrics and TensorBoard events; orbax checkpoints are written by all processes together.
+    """
+    parallel.initialize_distributed(config)  # first: the JAX backend must not have started yet
     validate(config)
-    parallel.initialize_distributed(config)
     prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -502,7 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             print(f"resumed from step {start} in {workdir}", flush=True)
 
     step_fn = make_train_step(config, mesh, modules, optimizer)
-    predict = make_predict_fn(config, modules)
+    confusion_fn = make_confusion_fn(config, modules, mesh)
     logger = Logger(workdir, config.num_steps, is_main)
     window: list = []
     last_eval: dict = {}
@@ -529,7 +643,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 logger.scalars(done, mean, "train/")
                 logger.progress(done, mean["loss"])
             if done % config.eval_every == 0 or done == config.num_steps:
-                last_eval = validate_probes(config, state["params"], predict, val_batches)
+                last_eval = validate_probes(config, state["params"], confusion_fn, val_batches)
                 logger.scalars(done, last_eval, "val/")
                 if is_main:
                     print("  val " + " | ".join(f"{k} {v:.2f}" for k, v in last_eval.items()), flush=True)
