@@ -1,0 +1,372 @@
+"""Tests of the dense CRF against closed forms, independent NumPy references and pydensecrf2."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stego_jax import crf
+
+K = 3
+H, W = 8, 10  # tiny: the O(N^2) and pure-Python references stay fast
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _unary(logits: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(_softmax(logits.astype(np.float64)), 1e-5, 1.0))
+
+
+def _mean_field(unary: np.ndarray, filters: list[tuple[float, callable]], iters: int) -> np.ndarray:
+    """Mean field with NORMALIZE_SYMMETRIC Potts messages; unary [N,K], filters (w, L)."""
+    norms = [1.0 / np.sqrt(f(np.ones((unary.shape[0], 1))) + 1e-20) for _, f in filters]
+    q = _softmax(-unary)
+    for _ in range(iters):
+        msg = sum(w * n * f(n * q) for (w, f), n in zip(filters, norms))
+        q = _softmax(-unary + msg)
+    return q
+
+
+def _features(image: np.ndarray, sxy: float, srgb: float | None) -> np.ndarray:
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    f = [xx / np.float32(sxy), yy / np.float32(sxy)]
+    if srgb is not None:
+        f += [image[..., 2 - i].astype(np.float32) / np.float32(srgb) for i in range(3)]  # BGR
+    return np.stack(f, -1).reshape(h * w, -1)
+
+
+def brute_force(image: np.ndarray, logits: np.ndarray, iters: int = 10) -> np.ndarray:
+    """Exact mean field with dense Gaussian kernels, O(N^2), float64."""
+    def dense(f: np.ndarray) -> callable:
+        f = f.astype(np.float64)
+        kern = np.exp(-0.5 * ((f[:, None] - f[None]) ** 2).sum(-1))
+        return lambda v: kern @ v
+
+    filters = [(3.0, dense(_features(image, 1.0, None))), (4.0, dense(_features(image, 67.0, 3.0)))]
+    h, w, k = logits.shape
+    return _mean_field(_unary(logits).reshape(-1, k), filters, iters).reshape(h, w, k)
+
+
+def reference_lattice(features: np.ndarray) -> callable:
+    """Permutohedral lattice written straight from the paper / permutohedral.cpp, with a dict."""
+    n, d = features.shape
+    inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
+    scale = [np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std)) for i in range(d)]
+    table: dict[tuple[int, ...], int] = {}
+    offsets = np.zeros((n, d + 1), np.int64)
+    bary = np.zeros((n, d + 1), np.float32)
+    one_over = np.float32(1.0 / (d + 1))
+    for p in range(n):
+        elev = [np.float32(0)] * (d + 1)
+        sm = np.float32(0)
+        for j in range(d, 0, -1):
+            cf = np.float32(features[p, j - 1] * scale[j - 1])
+            elev[j] = np.float32(sm - np.float32(j) * cf)
+            sm = np.float32(sm + cf)
+        elev[0] = sm
+        v = [np.float32(np.round(np.float32(e * one_over))) for e in elev]
+        rem0 = [np.float32(x * np.float32(d + 1)) for x in v]
+        total = sum(int(x) for x in v)
+        rank = [0] * (d + 1)
+        for i in range(d):
+            for j in range(i + 1, d + 1):
+                if elev[i] - rem0[i] < elev[j] - rem0[j]:
+                    rank[i] += 1
+                else:
+                    rank[j] += 1
+        for i in range(d + 1):
+            rank[i] += total
+            if rank[i] < 0:
+                rank[i] += d + 1
+                rem0[i] += d + 1
+            elif rank[i] >= d + 1:
+                rank[i] -= d + 1
+                rem0[i] -= d + 1
+        b = [np.float32(0)] * (d + 2)
+        for i in range(d + 1):
+            val = np.float32((elev[i] - rem0[i]) * one_over)
+            b[d - rank[i]] = np.float32(b[d - rank[i]] + val)
+            b[d - rank[i] + 1] = np.float32(b[d - rank[i] + 1] - val)
+        b[0] = np.float32(b[0] + np.float32(1) + b[d + 1])
+        for r in range(d + 1):
+            key = tuple(int(rem0[i]) + (r if rank[i] <= d - r else r - (d + 1)) for i in range(d))
+            offsets[p, r] = table.setdefault(key, len(table))
+            bary[p, r] = b[r]
+    keys = list(table)
+    m = len(keys)
+    nbrs = []
+    for j in range(d + 1):
+        n1 = np.full(m + 1, m)
+        n2 = np.full(m + 1, m)
+        for idx, key in enumerate(keys):
+            k1 = [x - 1 for x in key]
+            k2 = [x + 1 for x in key]
+            if j < d:
+                k1[j], k2[j] = key[j] + d, key[j] - d
+            n1[idx] = table.get(tuple(k1), m)
+            n2[idx] = table.get(tuple(k2), m)
+        nbrs.append((n1, n2))
+    alpha = 1.0 / (1.0 + 2.0 ** (-d))
+
+    def apply(values: np.ndarray) -> np.ndarray:
+        grid = np.zeros((m + 1, values.shape[1]))
+        for r in range(d + 1):
+            np.add.at(grid, offsets[:, r], bary[:, r, None] * values)
+        for n1, n2 in nbrs:
+            grid = grid + 0.5 * (grid[n1] + grid[n2])
+            grid[m] = 0.0
+        return alpha * sum(bary[:, r, None] * grid[offsets[:, r]] for r in range(d + 1))
+
+    apply.num_vertices = m
+    return apply
+
+
+def reference_pydensecrf_replica(image: np.ndarray, logits: np.ndarray, iters: int = 10) -> np.ndarray:
+    filters = [
+        (3.0, reference_lattice(_features(image, 1.0, None))),
+        (4.0, reference_lattice(_features(image, 67.0, 3.0))),
+    ]
+    h, w, k = logits.shape
+    return _mean_field(_unary(logits).reshape(-1, k), filters, iters).reshape(h, w, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(**params) -> callable:
+    return jax.jit(functools.partial(crf.dense_crf, **params))
+
+
+def run(image: np.ndarray, logits: np.ndarray, **params) -> np.ndarray:
+    return np.asarray(_jitted(**params)(jnp.asarray(image), jnp.asarray(logits, jnp.float32)))
+
+
+def _random_case(seed: int, h: int = H, w: int = W, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Few colours with jitter, so the 3-pixel colour kernel actually links pixels.
+    palette = rng.integers(0, 256, (3, 3))
+    image = np.clip(palette[rng.integers(0, 3, (h, w))] + rng.integers(-4, 5, (h, w, 3)), 0, 255)
+    return image.astype(np.uint8), rng.normal(size=(h, w, k)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms and invariances
+
+
+@pytest.mark.parametrize("method", ["lattice", "exact"])
+def test_single_pixel_closed_form(method: str) -> None:
+    # One pixel: every normalised kernel is the identity, so Q <- softmax(-U + (3 + 4) Q).
+    logits = np.array([[[0.3, -0.2, 1.1]]], np.float32)
+    u = _unary(logits[0, 0])
+    q = _softmax(-u)
+    for _ in range(10):
+        q = _softmax(-u + 7.0 * q)
+    out = run(np.full((1, 1, 3), 77, np.uint8), logits, method=method)
+    np.testing.assert_allclose(out[0, 0], q, atol=1e-6)
+
+
+def test_constant_image_constant_logits() -> None:
+    image = np.full((H, W, 3), 120, np.uint8)
+    # Uniform unary: every message is the same for all labels, so the output stays uniform.
+    out = run(image, np.zeros((H, W, K), np.float32))
+    np.testing.assert_allclose(out, 1.0 / K, atol=1e-6)
+    # Non-uniform constant unary: each message is a positive multiple of Q at that pixel, which
+    # has the ordering of -U, so the argmax is the unary's everywhere and confidence only grows.
+    logits = np.broadcast_to(np.array([0.2, 0.5, -0.1], np.float32), (H, W, K))
+    out = run(image, logits)
+    assert (out.argmax(-1) == 1).all()
+    assert (out.max(-1) > _softmax(logits).max(-1) + 0.05).all()
+
+
+def test_rows_sum_to_one_and_finite() -> None:
+    image, logits = _random_case(0)
+    out = run(image, 5.0 * logits)
+    assert np.isfinite(out).all() and (out >= 0).all()
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_label_permutation_equivariance() -> None:
+    image, logits = _random_case(1)
+    perm = np.array([2, 0, 1])
+    out = run(image, logits)
+    np.testing.assert_allclose(run(image, logits[..., perm]), out[..., perm], atol=2e-5)
+
+
+def test_two_region_denoising() -> None:
+    # Left half dark, right half bright; the unary is correct on only ~70% of the pixels.
+    h, w = 24, 32
+    rng = np.random.default_rng(3)
+    truth = np.zeros((h, w), np.int64)
+    truth[:, w // 2 :] = 1
+    image = np.where(truth[..., None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 3, (h, w, 3)).astype(np.uint8)
+    noisy = np.where(rng.random((h, w)) < 0.3, 1 - truth, truth)
+    logits = 0.8 * np.eye(2, dtype=np.float32)[noisy]
+    before = (logits.argmax(-1) == truth).mean()
+    after = (run(image, logits).argmax(-1) == truth).mean()
+    assert before < 0.75
+    assert after > 0.98, (before, after)
+
+
+def test_vmap_and_batch_equal_single() -> None:
+    cases = [_random_case(s) for s in (4, 5, 6)]
+    images = np.stack([c[0] for c in cases])
+    logits = np.stack([c[1] for c in cases])
+    single = np.stack([run(i, l) for i, l in cases])
+    batched = np.asarray(crf.dense_crf_batch(jnp.asarray(images), jnp.asarray(logits)))
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+    vmapped = np.asarray(jax.jit(jax.vmap(crf.dense_crf))(images, logits))
+    np.testing.assert_allclose(vmapped, single, atol=2e-5)
+    labels = crf.crf_labels(images, logits)
+    np.testing.assert_array_equal(labels, single.argmax(-1))
+
+
+def test_jit_no_retrace_same_shape() -> None:
+    traces = []
+
+    def f(im: jax.Array, lg: jax.Array) -> jax.Array:
+        traces.append(1)
+        return crf.dense_crf(im, lg)
+
+    g = jax.jit(f)
+    for s in (7, 8):
+        image, logits = _random_case(s, 2, 2)
+        g(image, logits).block_until_ready()
+    assert len(traces) == 1
+
+
+def test_bad_shapes_raise() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        crf.dense_crf(jnp.zeros((4, 5, 3), jnp.uint8), jnp.zeros((4, 6, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references
+
+
+def test_exact_method_matches_numpy_brute_force() -> None:
+    image, logits = _random_case(9)
+    np.testing.assert_allclose(run(image, logits, method="exact"), brute_force(image, logits), atol=2e-5)
+
+
+def test_lattice_matches_python_replica() -> None:
+    image, logits = _random_case(10)
+    want = reference_pydensecrf_replica(image, logits)
+    got = run(image, logits, spatial="lattice")
+    # float32 scatter sums against a float64 reference; a wrong vertex or neighbour costs > 0.1.
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_spatial_conv_is_the_truncated_dense_gaussian() -> None:
+    # spatial="conv" replaces the d=2 lattice by the exact σ=1 Gaussian cut at 3 pixels.
+    v = np.random.default_rng(2).random((H * W, 2)).astype(np.float32)
+    yy, xx = np.mgrid[0:H, 0:W]
+    dy = np.abs(yy.reshape(-1, 1) - yy.reshape(1, -1))
+    dx = np.abs(xx.reshape(-1, 1) - xx.reshape(1, -1))
+    kern = np.exp(-0.5 * (dx**2 + dy**2)) * ((dx <= 3) & (dy <= 3))
+    got = np.asarray(jax.jit(crf._gauss_conv, static_argnums=(1, 2, 3))(v, H, W, 1.0))
+    np.testing.assert_allclose(got, kern @ v, rtol=1e-5)
+
+
+def test_lattice_is_a_different_approximation_than_exact() -> None:
+    # Guards the fairness of the two checks above: lattice and dense kernels really differ.
+    image, logits = _random_case(10)
+    assert np.abs(run(image, logits, spatial="lattice") - brute_force(image, logits)).max() > 1e-3
+
+
+def test_hash_collisions_are_split_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hash that sends pairs of adjacent keys to one bucket forces the collision path.
+    image, logits = _random_case(12)
+    want = run(image, logits, spatial="lattice")
+    monkeypatch.setattr(crf, "_hash32", lambda hi, lo: ((hi * 7919 + lo) >> 1).astype(jnp.uint32))
+    got = np.asarray(jax.jit(functools.partial(crf.dense_crf, spatial="lattice"))(image, logits))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_capacity_overflow_is_redone_at_safe_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    image, logits = _random_case(14)  # tiny images need ~3·N lattice vertices, > the fast 1.5·N
+    want = run(image, logits)  # small images always use the overflow-free capacity
+    dropped = run(image, logits, capacity=int(1.5 * H * W))
+    assert np.abs(dropped - want).max() > 1e-3  # the overflow is real and matters
+    monkeypatch.setattr(crf, "_SMALL", 0)
+    got = np.asarray(jax.jit(crf.dense_crf)(image, logits))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_lattice_filter_and_vertex_count_match_reference() -> None:
+    image, _ = _random_case(13)
+    f = _features(image, 67.0, 3.0)
+    fmax = np.array([(W - 1) / 67.0, (H - 1) / 67.0, 85.0, 85.0, 85.0])
+    values = np.random.default_rng(0).random((H * W, 2))
+
+    @jax.jit
+    def filt(f: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        lat = crf.build_lattice(f, fmax, 6 * H * W)
+        return crf.lattice_filter(lat, v), lat.num_vertices
+
+    got, m = filt(jnp.asarray(f), jnp.asarray(values, jnp.float32))
+    ref = reference_lattice(f)
+    assert int(m) == ref.num_vertices
+    np.testing.assert_allclose(np.asarray(got), ref(values), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# pydensecrf2 (optional extra)
+
+
+def _photo(name: str, h: int, w: int) -> np.ndarray:
+    from skimage import data, transform
+
+    im = getattr(data, name)()[..., :3]
+    ih, iw = im.shape[:2]
+    s = min(ih / h, iw / w)
+    ch, cw = int(h * s), int(w * s)
+    y0, x0 = (ih - ch) // 2, (iw - cw) // 2
+    im = transform.resize(im[y0 : y0 + ch, x0 : x0 + cw], (h, w), anti_aliasing=True)
+    return (im * 255).round().astype(np.uint8)
+
+
+def _stego_like_logits(image: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    h, w, _ = image.shape
+    col = ndimage.gaussian_filter(image.astype(np.float32) / 255, (1.5, 1.5, 0))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    emb = np.tanh(np.concatenate([col, 0.5 * yy[..., None], 0.5 * xx[..., None]], -1) @ rng.normal(size=(5, 16)) * 2)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    cent = emb.reshape(-1, 16)[rng.choice(h * w, k, replace=False)]
+    noise = ndimage.gaussian_filter(rng.normal(size=(h, w, k)), (4, 4, 0))
+    return (2 * emb @ cent.T + 0.3 * noise / noise.std()).astype(np.float32)
+
+
+def test_agreement_with_pydensecrf() -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    for seed, name in enumerate(["astronaut", "chelsea"]):
+        image = _photo(name, 60, 80)
+        logits = _stego_like_logits(image, 5, seed)
+        ref = crf._pydensecrf_one(image, logits)
+        exact = run(image, logits, spatial="lattice")
+        assert (exact.argmax(-1) == ref.argmax(-1)).mean() == 1.0
+        assert np.abs(exact - ref).max() < 1e-3
+        default = run(image, logits)
+        agree = (default.argmax(-1) == ref.argmax(-1)).mean()
+        assert agree >= 0.995, (name, agree)
+    labels = crf.crf_labels(image[None], logits[None], backend="pydensecrf")
+    np.testing.assert_array_equal(labels[0], ref.argmax(-1))
+
+
+def test_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    image, logits = _random_case(15)
+    with pytest.raises(ValueError, match="backend"):
+        crf.crf_labels(image[None], logits[None], backend="torch")
+    monkeypatch.setitem(__import__("sys").modules, "pydensecrf.densecrf", None)
+    with pytest.raises(ImportError, match=r"pip install stego_jax\[crf\]"):
+        crf.crf_labels(image[None], logits[None], backend="pydensecrf")
