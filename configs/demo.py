@@ -11,7 +11,7 @@ from stego_jax.config import base_config
 def get_config(arg: str = ""):
     c = base_config()
     c.seed = 0
-    c.num_steps = 600
+    c.num_steps = 300
     c.batch_size = 32
     c.data.name = "synthetic"
     c.data.res = 96
@@ -27,8 +27,8 @@ def get_config(arg: str = ""):
     c.model.dim = 32
     c.feature_cache.enabled = True  # in memory: the whole set is tiny
     c.log_every = 50
-    c.eval_every = 200
-    c.checkpoint_every = 200
+    c.eval_every = 100
+    c.checkpoint_every = 100
     c.eval.res = 96
     c.eval.batch_size = 50
     c.eval.crf = False
@@ -36,10 +36,10 @@ def get_config(arg: str = ""):
     c.eval.kmeans_restarts = 10
     c.demo_seeds = 3
     if arg == "tiny":  # used by the test suite
-        c.num_steps = 120
-        c.data.n_train = 240
+        c.num_steps = 200
+        c.data.n_train = 400
         c.data.n_val = 60
         c.demo_seeds = 1
-        c.eval_every = 60
-        c.checkpoint_every = 60
+        c.eval_every = 100
+        c.checkpoint_every = 100
     return c
