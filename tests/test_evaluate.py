@@ -98,3 +98,33 @@ def test_predict_folder_with_corrupt_file_and_odd_sizes(run, tmp_path, capsys):
 def test_predict_missing_run_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         predict.predict_folder(str(tmp_path), str(tmp_path), str(tmp_path / "o"), quiet=True)
+
+
+def test_evaluate_with_crf_matches_per_image_crf(run):
+    """The CRF rows: evaluate's cluster+crf confusion equals CRF'ing each image's cluster logits."""
+    import jax.numpy as jnp
+
+    from stego_jax import crf, losses
+    from stego_jax.data import build_dataset
+
+    d, cfg, _ = run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.eval.crf = True
+    cfg.eval.flip = False
+    cfg.eval.num_overlays = 1
+    res = evaluate.evaluate(cfg, d, out_dir=os.path.join(d, "eval_crf"), quiet=True)
+    assert {"cluster+crf", "linear+crf"} <= set(res)
+    featurizer = evaluate.build_featurizer_for_run(cfg, d)
+    params = train.restore_params(d, cfg, featurizer.dim)
+    head, cluster, _ = train.build_modules(cfg)
+    ds = build_dataset(evaluate.eval_config(cfg), "val")
+    from stego_jax.data.transforms import normalize
+
+    imgs = np.stack([ds[i]["image"] for i in range(len(ds))])
+    labs = np.stack([ds[i]["label"] for i in range(len(ds))])
+    c = head.apply({"params": params["head"]}, featurizer(jnp.asarray(normalize(imgs))), train=False)[1]
+    cos = cluster.apply({"params": params["cluster_probe"]}, losses.upsample_bilinear(c, labs.shape[1:3]))
+    preds = np.stack([np.asarray(crf.dense_crf(imgs[i], 2.0 * cos[i])).argmax(-1) for i in range(len(imgs))])
+    ref = metrics.scores(preds, labs, cfg.data.n_classes)
+    assert res["cluster+crf"]["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
+    assert res["cluster+crf"]["Accuracy"] == pytest.approx(ref["Accuracy"], abs=1e-6)

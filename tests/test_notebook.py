@@ -119,8 +119,6 @@ def _execute(notebook: Path, env: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("STEGO_TEST_SCRIPTS_E2E") != "1",
-                    reason="set STEGO_TEST_SCRIPTS_E2E=1 to run the notebook's real path on fake data")
 def test_notebook_real_path_on_fake_cocostuff(tmp_path):
     """DEMO = False end to end (prepare CLI, k-NN, train, evaluate, predict) on a fake 6-image COCO-Stuff
     layout with a random one-block ViT given as a local weights file instead of a download."""

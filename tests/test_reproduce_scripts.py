@@ -1,6 +1,6 @@
 """The reproduction scripts (experiments/reproduce_*.sh): syntax, the commands a dry run prints, and
 the actionable message when the data is missing. Nothing here downloads or trains, except the
-opt-in end-to-end run (STEGO_TEST_SCRIPTS_E2E=1) on a fake COCO-Stuff layout with a random tiny ViT."""
+end-to-end run on a fake COCO-Stuff layout with a random tiny ViT."""
 
 from __future__ import annotations
 
@@ -154,8 +154,6 @@ def _random_dino(path: Path, dim: int = 64) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("STEGO_TEST_SCRIPTS_E2E") != "1",
-                    reason="set STEGO_TEST_SCRIPTS_E2E=1 to run the reproduction script end to end on fake data")
 def test_end_to_end_on_fake_cocostuff(tmp_path):
     _fake_cocostuff(tmp_path / "raw")
     _random_dino(tmp_path / "vit.npz")
