@@ -268,12 +268,8 @@ def _save_overlays(overlays: list, results: dict, names: list[str], out_dir: str
         for k in ("cluster+crf" if "cluster+crf" in preds else "cluster", "kmeans", "linear"):
             p = preds[k]
             if not k.startswith("linear"):
-                assign = np.asarray(results[k]["assignment"])  # class -> cluster
-                lut = -np.ones(max(int(p.max()) + 1, len(assign) + 1, 1), np.int64)
-                for cls, cl in enumerate(assign):
-                    if 0 <= cl < len(lut):
-                        lut[cl] = cls
-                p = lut[p]
+                # Hungarian-matched class of each cluster, -1 (drawn black) for unmatched ones.
+                p = metrics.map_clusters(p, results[k]["assignment"])
             panels.append(colorize(p))
         Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(d, f"{i:03d}.png"))
 

@@ -70,12 +70,9 @@ def legend_names(workdir: str, config, use_linear: bool) -> tuple[list[str], np.
         with open(path) as f:
             res = json.load(f)["results"]
         key = "cluster+crf" if "cluster+crf" in res else "cluster"
-        assign = res[key]["assignment"]  # class -> cluster
-        lut = -np.ones(n_clusters, np.int64)
-        for cls, cl in enumerate(assign):
-            if 0 <= cl < n_clusters:
-                lut[cl] = cls
-        return names, lut
+        lut = np.asarray(res[key]["assignment"], np.int64)  # class of each cluster, -1 unmatched
+        if len(lut) == n_clusters:
+            return names, lut
     return [f"cluster {i}" for i in range(n_clusters)], None
 
 

@@ -209,6 +209,22 @@ def validate_probes(config, params, confusion_fn, val_batches) -> dict:
             "linear/mIoU": li["mIoU"], "linear/Accuracy": li["Accuracy"]}
 
 
+def preview_panels(config, params, predict, val_batches, n_images: int = 3) -> np.ndarray:
+    """Ground truth | cluster probe (Hungarian-matched on these images) | linear probe, for the
+    first validation images, as one uint8 RGB panel for TensorBoard."""
+    from stego_jax.evaluate import colorize
+
+    feats, labels = next(iter(val_batches()))
+    pc, pl = predict(params, feats, tuple(labels.shape[1:3]))
+    pc, pl, lab = (parallel.gather_to_host(x)[:n_images] for x in (pc, pl, labels))
+    n = config.data.n_classes
+    match = metrics.scores(pc, lab, n, n_clusters=n + config.model.extra_clusters)
+    pc = metrics.map_clusters(pc, match["assignment"])
+    rows = [np.concatenate([colorize(lab[i]), colorize(pc[i]), colorize(pl[i])], axis=1)
+            for i in range(len(lab))]
+    return np.concatenate(rows, axis=0)
+
+
 # ----------------------------------------------------------------------------------------
 # Training data: features for each step
 # ----------------------------------------------------------------------------------------
@@ -617,6 +633,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
 
     step_fn = make_train_step(config, mesh, modules, optimizer)
     confusion_fn = make_confusion_fn(config, modules, mesh)
+    predict = make_predict_fn(config, modules)
     logger = Logger(workdir, config.num_steps, is_main)
     window: list = []
     last_eval: dict = {}
@@ -645,6 +662,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             if done % config.eval_every == 0 or done == config.num_steps:
                 last_eval = validate_probes(config, state["params"], confusion_fn, val_batches)
                 logger.scalars(done, last_eval, "val/")
+                panel = preview_panels(config, state["params"], predict, val_batches)
+                logger.image("val/segmentation_truth_cluster_linear", done, panel)
                 if is_main:
                     print("  val " + " | ".join(f"{k} {v:.2f}" for k, v in last_eval.items()), flush=True)
             if done % config.checkpoint_every == 0 or done == config.num_steps:

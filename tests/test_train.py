@@ -61,7 +61,12 @@ def test_outputs_written(reference_run):
     assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     assert any("val/cluster/mIoU" in r for r in rows)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(d, "tb")))
+    events = [f for f in os.listdir(os.path.join(d, "tb")) if f.startswith("events.out.tfevents")]
+    assert events
+    raw = open(os.path.join(d, "tb", events[0]), "rb").read()
+    for tag in (b"train/loss", b"val/cluster/mIoU", b"val/segmentation_truth_cluster_linear"):
+        assert tag in raw, tag  # scalars and the segmentation preview image were written
+    assert b"\x89PNG" in raw  # the image summary is an encoded PNG
     cfg = json.load(open(os.path.join(d, "config.json")))
     assert cfg["num_steps"] == 6 and cfg["model"]["dim"] == 8
 
