@@ -29,26 +29,6 @@ fi
 DATASET=cityscapes27
 ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cityscapes.zip"
 
-DRY_RUN=0
-OVERRIDES=()
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    --config.*=*) OVERRIDES+=("$arg") ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument '$arg' (expected --dry-run, --help or --config.x=y)" >&2; exit 2 ;;
-  esac
-done
-
-cd "$REPO"  # configs/ paths are relative to the repository root
-
-# Prints a command; runs it unless --dry-run.
-run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  if (( DRY_RUN )); then return 0; fi
-  "$@"
-}
-
 missing_raw() {
   local split f missing=()
   for split in train val; do
@@ -59,17 +39,12 @@ missing_raw() {
   printf '%s\n' "${missing[@]+"${missing[@]}"}"
 }
 
-[[ -f "$CONFIG" ]] || { echo "error: config file $CONFIG not found in $REPO" >&2; exit 2; }
-
-# 1. Data: the prepared directory, or the raw bundle to prepare it from.
-if [[ -f "$DATA_DIR/manifest.json" ]]; then
-  echo "== prepared data found in $DATA_DIR (delete it to prepare again)"
-else
-  missing="$(missing_raw)"
-  if [[ -n "$missing" ]]; then
-    parent="$(dirname "$DATA_RAW")"
-    msg="Cityscapes raw data not found. Missing:
-$(sed 's/^/  /' <<<"$missing")
+# The help printed when the raw data is missing ($1: the missing paths, one per line).
+raw_help() {
+  local parent; parent="$(dirname "$DATA_RAW")"
+  cat <<EOF
+Cityscapes raw data not found. Missing:
+$(sed 's/^/  /' <<<"$1")
 Either register at https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip
 (11 GB) and gtFine_trainvaltest.zip (241 MB) and unzip both into DATA_RAW:
   mkdir -p $DATA_RAW && cd $DATA_RAW
@@ -78,66 +53,14 @@ or download the official STEGO bundle (same layout; if wget fails, azcopy works 
   mkdir -p $parent
   wget -c -P $parent $ZIP_URL
   unzip $parent/cityscapes.zip -d $parent    # -> $parent/cityscapes/{leftImg8bit,gtFine}/
-then run again with DATA_RAW set to the directory that holds leftImg8bit/ and gtFine/."
-    if (( DRY_RUN )); then
-      echo "note (dry run): $msg" | sed '2,$s/^/  /'
-    else
-      echo "error: $msg" >&2
-      exit 1
-    fi
-  fi
-  echo "== 1/4 prepare: five-crops of the training images (ratio 0.5), uncropped validation images"
-  run "$PYTHON" -m stego_jax.data.prepare "$DATASET" --source "$DATA_RAW" --out "$DATA_DIR" --crop five --ratio 0.5
-fi
-
-if (( ! DRY_RUN )); then
-  "$PYTHON" -c "import stego_jax" 2>/dev/null || {
-    echo "error: $PYTHON cannot import stego_jax; run 'make venv' (or pip install -e .) in $REPO, or set PYTHON" >&2
-    exit 1; }
-  "$PYTHON" -c "import jax; d = jax.devices(); print('== devices:', d)
-if d[0].platform == 'cpu': print('warning: no GPU/TPU found; training ViT-S/8 on a CPU takes days')"
-fi
-
-# 2. k-NN table of the training crops (frozen DINO, GAP, cosine top-30). Skipped if already there.
-# (The check reads the config file without the overrides, so --config.data.*/model.*/knn.* always recompute.)
-knn_done=0
-knn_overrides=0
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  case "$o" in --config.data.*|--config.model.*|--config.knn.*) knn_overrides=1 ;; esac
-done
-if (( ! DRY_RUN && ! knn_overrides )) && [[ "${FORCE_KNN:-0}" != 1 ]]; then
-  knn_done="$("$PYTHON" - "$CONFIG" "$DATA_DIR" <<'EOF'
-import os, sys
-from stego_jax.config import load_config_file
-from stego_jax.knn import knn_filename
-c = load_config_file(sys.argv[1])
-name = knn_filename(c.model.backbone, c.model.patch_size, c.data.name, "train", c.data.crop_type, c.data.res)
-print(int(os.path.exists(os.path.join(c.knn.dir or os.path.join(sys.argv[2], "nns"), name))))
+then run again with DATA_RAW set to the directory that holds leftImg8bit/ and gtFine/.
 EOF
-)"
-fi
-if [[ "$knn_done" == 1 ]]; then
-  echo "== 2/4 k-NN table found in $DATA_DIR/nns (FORCE_KNN=1 recomputes it)"
-else
-  echo "== 2/4 k-NN table"
-  run "$PYTHON" -m stego_jax.knn --config "$CONFIG" "--config.data.root=$DATA_DIR" "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
-fi
+}
 
-echo "== 3/4 train (resumes from $WORKDIR/checkpoints)"
-run "$PYTHON" -m stego_jax.train --config "$CONFIG" --workdir "$WORKDIR" "--config.data.root=$DATA_DIR" \
-  "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
+PREPARE_NOTE="five-crops of the training images (ratio 0.5), uncropped validation images"
+PREPARE_ARGS=(--crop five --ratio 0.5)
 
-echo "== 4/4 evaluate (official protocol: 320 px, flip, cluster/linear probes, dense CRF)"
-run "$PYTHON" -m stego_jax.evaluate --config "$CONFIG" --workdir "$WORKDIR" "--config.data.root=$DATA_DIR" \
-  "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
-
-echo
-echo "== ours ($CONFIG): $WORKDIR/results.md"
-if (( DRY_RUN )); then
-  echo "(dry run: nothing measured)"
-else
-  sed -n '1,/^Per-class/p' "$WORKDIR/results.md" | sed '$d'
-fi
+paper_table() {
 cat <<'EOF'
 == the paper's numbers (STEGO, Cityscapes-27; compare the "cluster+crf" row above)
 | setting                                                        | Unsup. Acc | Unsup. mIoU | Linear Acc | Linear mIoU |
@@ -146,3 +69,7 @@ cat <<'EOF'
 Source: STEGO_FACTS.md 6.1 (Papers-with-Code paper page); the linear-probe numbers were not retrievable.
 Cityscapes-27 is labelIds 7..33 (27 classes), not the usual 19-class trainId protocol.
 EOF
+}
+
+# shellcheck source=experiments/reproduce_lib.sh
+source "$REPO/experiments/reproduce_lib.sh"

@@ -40,34 +40,36 @@ def test_evaluate_writes_tables_consistent_with_confusions(run):
     assert f"| cluster | {res['cluster']['Accuracy']:.2f} | {res['cluster']['mIoU']:.2f} |" in md
 
 
-def test_evaluate_cluster_metric_matches_independent_recomputation(run):
-    """Recompute the cluster-probe predictions by hand (no flip) and compare with evaluate's."""
-    import jax
+def reference_cluster_cos(d, cfg):
+    """The validation images, labels and cluster-probe cosines [N,H,W,K] computed by hand (no flip),
+    independently of evaluate.py's batching, padding and jitted helpers."""
     import jax.numpy as jnp
 
     from stego_jax import losses
     from stego_jax.data import build_dataset
     from stego_jax.data.transforms import normalize
 
-    d, cfg, result = run
-    cfg = cfg.copy_and_resolve_references()
-    cfg.eval.flip = False
-    res = evaluate.evaluate(cfg, d, out_dir=os.path.join(d, "eval_noflip"), quiet=True)
     featurizer = evaluate.build_featurizer_for_run(cfg, d)
     params = train.restore_params(d, cfg, featurizer.dim)
     head, cluster, _ = train.build_modules(cfg)
     ds = build_dataset(evaluate.eval_config(cfg), "val")
     imgs = np.stack([ds[i]["image"] for i in range(len(ds))])
     labs = np.stack([ds[i]["label"] for i in range(len(ds))])
-    f = featurizer(jnp.asarray(normalize(imgs)))
-    c = head.apply({"params": params["head"]}, f, train=False)[1]
-    c = losses.upsample_bilinear(c, labs.shape[1:3])
-    cos = cluster.apply({"params": params["cluster_probe"]}, c)
-    pred = np.asarray(jnp.argmax(cos, -1))
-    ref = metrics.scores(pred, labs, cfg.data.n_classes)
+    c = head.apply({"params": params["head"]}, featurizer(jnp.asarray(normalize(imgs))), train=False)[1]
+    cos = cluster.apply({"params": params["cluster_probe"]}, losses.upsample_bilinear(c, labs.shape[1:3]))
+    return imgs, labs, np.asarray(cos)
+
+
+def test_evaluate_cluster_metric_matches_independent_recomputation(run):
+    """Recompute the cluster-probe predictions by hand (no flip) and compare with evaluate's."""
+    d, cfg, result = run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.eval.flip = False
+    res = evaluate.evaluate(cfg, d, out_dir=os.path.join(d, "eval_noflip"), quiet=True)
+    _, labs, cos = reference_cluster_cos(d, cfg)
+    ref = metrics.scores(cos.argmax(-1), labs, cfg.data.n_classes)
     assert res["cluster"]["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
     assert res["cluster"]["Accuracy"] == pytest.approx(ref["Accuracy"], abs=1e-6)
-    del jax
 
 
 def test_predict_folder_with_corrupt_file_and_odd_sizes(run, tmp_path, capsys):
@@ -102,10 +104,7 @@ def test_predict_missing_run_is_clear(tmp_path):
 
 def test_evaluate_with_crf_matches_per_image_crf(run):
     """The CRF rows: evaluate's cluster+crf confusion equals CRF'ing each image's cluster logits."""
-    import jax.numpy as jnp
-
-    from stego_jax import crf, losses
-    from stego_jax.data import build_dataset
+    from stego_jax import crf
 
     d, cfg, _ = run
     cfg = cfg.copy_and_resolve_references()
@@ -114,16 +113,7 @@ def test_evaluate_with_crf_matches_per_image_crf(run):
     cfg.eval.num_overlays = 1
     res = evaluate.evaluate(cfg, d, out_dir=os.path.join(d, "eval_crf"), quiet=True)
     assert {"cluster+crf", "linear+crf"} <= set(res)
-    featurizer = evaluate.build_featurizer_for_run(cfg, d)
-    params = train.restore_params(d, cfg, featurizer.dim)
-    head, cluster, _ = train.build_modules(cfg)
-    ds = build_dataset(evaluate.eval_config(cfg), "val")
-    from stego_jax.data.transforms import normalize
-
-    imgs = np.stack([ds[i]["image"] for i in range(len(ds))])
-    labs = np.stack([ds[i]["label"] for i in range(len(ds))])
-    c = head.apply({"params": params["head"]}, featurizer(jnp.asarray(normalize(imgs))), train=False)[1]
-    cos = cluster.apply({"params": params["cluster_probe"]}, losses.upsample_bilinear(c, labs.shape[1:3]))
+    imgs, labs, cos = reference_cluster_cos(d, cfg)
     preds = np.stack([np.asarray(crf.dense_crf(imgs[i], 2.0 * cos[i])).argmax(-1) for i in range(len(imgs))])
     ref = metrics.scores(preds, labs, cfg.data.n_classes)
     assert res["cluster+crf"]["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
