@@ -134,11 +134,35 @@ def run_one(name: str, extra: list[str], out: str, timeout: float | None) -> dic
     if rc == 0 and os.path.exists(out):
         with open(out) as f:
             res["payload"] = json.load(f)
-        print(res["payload"].get("table", ""), flush=True)
+        print(payload_table(res["payload"]), flush=True)
     else:
         res["error"] = ((stderr or "") + (stdout or ""))[-1500:]
         print(f"   FAILED ({rc}):\n{res['error']}", flush=True)
     return res
+
+
+def payload_table(payload) -> str:
+    """A benchmark's markdown table: its own `table`, else one built from its records (a list of
+    flat dicts, or the scalar fields of a dict)."""
+    if isinstance(payload, dict) and payload.get("table"):
+        return payload["table"]
+    records = payload if isinstance(payload, list) else [
+        {k: v for k, v in payload.items() if k not in ("machine", "args", "env")}]
+    records = [r for r in records if isinstance(r, dict)]
+    if not records:
+        return "(no table in the JSON output)"
+    keys = list(dict.fromkeys(k for r in records for k in r))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, dict)):
+            return json.dumps(v, default=str)[:120]
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in records]
+    return "\n".join(lines)
 
 
 def render(results: list[dict], skipped: dict, quick: bool, cpu: bool = False) -> str:
@@ -149,13 +173,15 @@ def render(results: list[dict], skipped: dict, quick: bool, cpu: bool = False) -
         lines += ["**Quick mode: tiny shapes that only check the scripts; these are not benchmark "
                   "figures.**", ""]
     for r in results:
-        lines += [f"### {r['name']}", "", f"`{r['command']}` ({r['wall_s']:.0f} s wall)", ""]
-        table = r.get("payload", {}).get("table", "")
-        if "cpu_model" not in r.get("payload", {}).get("env", {}):
+        wall = f" ({r['wall_s']:.0f} s wall)" if r["wall_s"] else ""
+        lines += [f"### {r['name']}", "", f"`{r['command']}`{wall}", ""]
+        payload = r.get("payload", {})
+        env = payload.get("env", {}) if isinstance(payload, dict) else {}
+        if "cpu_model" not in env:
             # the script's own table does not name the CPU model: add run_all's description
             lines += [common.machine_line(r["machine"]), ""]
         if "payload" in r:
-            lines += [table or "(no table in the JSON output)", ""]
+            lines += [payload_table(payload), ""]
         else:
             lines += [f"FAILED (rc {r['rc']}):", "", "```", r["error"].strip()[-800:], "```", ""]
     for name, why in skipped.items():
@@ -205,7 +231,7 @@ def knn_worker(args) -> None:
         f"| {rec['n']} | {rec['dim']} | {rec['k']} | {rec['s_median']:.2f} "
         f"| {rec['queries_per_s']:.0f} | {first:.2f} | {rec['n_devices']} |",
         "", "stego_jax.knn.knn_table (exact cosine top-k, chunked) on random float32 descriptors. "
-        "Every call includes a compile: knn_table jits a fresh closure per call."])
+        "The top-k program is compiled once per shape; with --knn-iters 1 the timed call includes that compile."])
     print(table_md)
     common.write_json(args.out, {"benchmark": "knn", "env": env, "records": [rec],
                                  "table": table_md})
@@ -214,6 +240,8 @@ def knn_worker(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes: checks that all scripts run")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite RESULTS.md from the JSON files already in --json-dir")
     ap.add_argument("--cpu", action="store_true",
                     help="the moderate profile a 2-core CPU finishes in ~20 min (paper batch/res for the train step)")
     ap.add_argument("--only", default="", help=f"comma list among {','.join(ORDER)}")
@@ -232,6 +260,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.knn_worker:
         knn_worker(args)
+        return
+
+    if args.render_only:  # rebuild RESULTS.md from the JSON files of earlier runs
+        results = []
+        for name in ORDER:
+            path = os.path.join(args.json_dir, f"{name}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    payload = json.load(f)
+                machine = payload.get("machine") if isinstance(payload, dict) else None
+                results.append({"name": name, "command": f"see {os.path.relpath(path, REPO)}", "rc": 0,
+                                "wall_s": 0.0, "machine": machine or common.machine(), "payload": payload})
+        write_results(args.results, render(results, {}, False, args.cpu))
+        print(f"wrote {args.results} from {len(results)} JSON files in {args.json_dir}")
         return
 
     names = [n for n in ORDER if not args.only or n in args.only.split(",")]
