@@ -5,7 +5,7 @@ From the checkpoint's hparams (issue #26 of the official repository): dim 100, b
 block of the official train_config.yml (the checkpoint dump is truncated before them).
 """
 
-from stego_jax.config import base_config
+from stego_jax.config import base_config, set_loss
 
 
 def get_config(arg: str = ""):
@@ -18,8 +18,6 @@ def get_config(arg: str = ""):
     c.batch_size = 32
     c.num_steps = 7000
     c.loss.pointwise = False
-    c.loss.pos_intra_weight, c.loss.pos_inter_weight, c.loss.neg_inter_weight = (
-        1.0, 0.577453483136995, 0.9058762625226623)
-    c.loss.pos_intra_shift, c.loss.pos_inter_shift, c.loss.neg_inter_shift = (
-        0.45828472207, 0.1754346515479633, 0.31361241889448443)
+    set_loss(c, pos_intra=(1.0, 0.45828472207), pos_inter=(0.577453483136995, 0.1754346515479633),
+             neg_inter=(0.9058762625226623, 0.31361241889448443))
     return c

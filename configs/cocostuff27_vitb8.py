@@ -4,7 +4,7 @@ Loss weights/shifts: the "Cocostuff27 10/3 vit_base" block of the official train
 (recalled as the paper's ViT-B COCO row; STEGO_FACTS 2.4 flags this as unverified).
 """
 
-from stego_jax.config import base_config
+from stego_jax.config import base_config, set_loss
 
 
 def get_config(arg: str = ""):
@@ -13,6 +13,5 @@ def get_config(arg: str = ""):
     c.data.root = "data/cocostuff27_five"
     c.data.n_classes = 27
     c.model.backbone = "dino_vitb8"
-    c.loss.pos_intra_weight, c.loss.pos_inter_weight, c.loss.neg_inter_weight = 0.1, 1.0, 0.1538476246415498
-    c.loss.pos_intra_shift, c.loss.pos_inter_shift, c.loss.neg_inter_shift = 0.12, 0.2, 1.0
+    set_loss(c, pos_intra=(0.1, 0.12), pos_inter=(1.0, 0.2), neg_inter=(0.1538476246415498, 1.0))
     return c

@@ -7,7 +7,7 @@ batch 16, 5000 steps, Adam 5e-4 / probes 5e-3, res 224, five-crop 0.5). Backbone
 ViT-S/8 checkpoint the official code loads for vit_small/8.
 """
 
-from stego_jax.config import base_config
+from stego_jax.config import base_config, set_loss
 
 
 def get_config(arg: str = ""):
@@ -16,6 +16,5 @@ def get_config(arg: str = ""):
     c.data.root = "data/cocostuff27_five"
     c.data.n_classes = 27
     c.model.backbone = "dino_vits8_300ep"
-    c.loss.pos_intra_weight, c.loss.pos_inter_weight, c.loss.neg_inter_weight = 0.67, 0.25, 0.63
-    c.loss.pos_intra_shift, c.loss.pos_inter_shift, c.loss.neg_inter_shift = 0.08, 0.02, 0.66
+    set_loss(c, pos_intra=(0.67, 0.08), pos_inter=(0.25, 0.02), neg_inter=(0.63, 0.66))
     return c

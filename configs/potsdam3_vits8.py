@@ -5,7 +5,7 @@ weights/shifts: the "Potsdam vit small 1/31/22" block of the official train_conf
 block active in the repository's first commit).
 """
 
-from stego_jax.config import base_config
+from stego_jax.config import base_config, set_loss
 
 
 def get_config(arg: str = ""):
@@ -15,6 +15,5 @@ def get_config(arg: str = ""):
     c.data.crop_type = None
     c.data.n_classes = 3
     c.model.backbone = "dino_vits8_300ep"
-    c.loss.pos_intra_weight, c.loss.pos_inter_weight, c.loss.neg_inter_weight = 0.67, 0.25, 0.63
-    c.loss.pos_intra_shift, c.loss.pos_inter_shift, c.loss.neg_inter_shift = 0.08, 0.02, 0.46
+    set_loss(c, pos_intra=(0.67, 0.08), pos_inter=(0.25, 0.02), neg_inter=(0.63, 0.46))
     return c

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 
@@ -41,12 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.stabilize = False
     c.loss.correspondence_weight = 1.0
     # "Cocostuff27 vit small 1/31/22" block of the official train_config.yml.
-    c.loss.pos_intra_weight = 0.67
-    c.loss.pos_inter_weight = 0.25
-    c.loss.neg_inter_weight = 0.63
-    c.loss.pos_intra_shift = 0.08
-    c.loss.pos_inter_shift = 0.02
-    c.loss.neg_inter_shift = 0.66
+    set_loss(c, pos_intra=(0.67, 0.08), pos_inter=(0.25, 0.02), neg_inter=(0.63, 0.66))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4  # head, Adam, no schedule (official)
@@ -86,6 +83,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.auto = False
     c.distributed.cpu_devices = 0  # >0: simulate this many local CPU devices (tests, debugging)
     return c
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def set_loss(
+    config: ml_collections.ConfigDict,
+    *,
+    pos_intra: tuple[float, float],
+    pos_inter: tuple[float, float],
+    neg_inter: tuple[float, float],
+) -> None:
+    """Set the (weight, shift) of the three STEGO loss terms: `config.loss.<term>_weight` and
+    `config.loss.<term>_shift`. Raise ValueError on a non-pair, a non-finite number or a
+    negative weight."""
+    terms = {"pos_intra": pos_intra, "pos_inter": pos_inter, "neg_inter": neg_inter}
+    for term, pair in terms.items():
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_finite, pair))
+        if not ok or pair[0] < 0:
+            raise ValueError(f"{term}={pair!r} must be a (weight, shift) pair of finite numbers, "
+                             "weight >= 0")
+    for term, (weight, _) in terms.items():
+        config.loss[f"{term}_weight"] = float(weight)
+    for term, (_, shift) in terms.items():
+        config.loss[f"{term}_shift"] = float(shift)
 
 
 _CHOICES = {

@@ -210,6 +210,14 @@ def build_lattice(features: jax.Array, feature_max: np.ndarray, capacity: int) -
     offset = jnp.cumsum(slots) - slots
     num_vertices = jnp.sum(jnp.where(jnp.arange(p_total) < num_groups, slots, 0))
     vid = offset[g] + (~is_rep).astype(jnp.int32)
+    # Renumber the vertices in order of the first (pixel, corner) touching them: ids in hash
+    # order scatter the filter's gathers over memory, these walk it nearly in order (1.5x faster
+    # filtering at 320x320x27). A scatter-min and a cumsum, no sort; no float changes (splat still
+    # sums each vertex's pixels in pixel order).
+    entry = jnp.arange(p_total, dtype=jnp.int32)
+    first = jnp.full((p_total,), p_total - 1, jnp.int32).at[vid].min(entry)
+    new_of_old = (jnp.cumsum((first[vid] == entry).astype(jnp.int32)) - 1)[first]
+    vid = new_of_old[vid]
     vid = jnp.where(vid < capacity, vid, capacity)
 
     # Blur neighbours: n1 along axis j of (r, q) is (r-1, q + e_j) for r >= 1 and
@@ -235,7 +243,7 @@ def build_lattice(features: jax.Array, feature_max: np.ndarray, capacity: int) -
     found = uh[ng] == nh
     is_r = found & (rep_hi[ng] == nhi) & (rep_lo[ng] == nlo)
     is_o = found & has2[ng] & (oth_hi[ng] == nhi) & (oth_lo[ng] == nlo)
-    n1 = jnp.where(is_r, offset[ng], jnp.where(is_o, offset[ng] + 1, capacity))
+    n1 = jnp.where(is_r | is_o, new_of_old[offset[ng] + is_o.astype(jnp.int32)], capacity)
     n1 = jnp.where(valid[None] & (n1 < capacity), n1, capacity).astype(jnp.int32)
     # n2 is the inverse map of n1 (key+1 / key_j - d undoes key-1 / key_j + d).
     rows = jnp.arange(capacity + 1, dtype=jnp.int32)
@@ -270,6 +278,41 @@ def lattice_filter(lat: Lattice, values: jax.Array) -> jax.Array:
     for r in range(dp1):
         out = out + lat.weight[:, r : r + 1] * grid.at[lat.vertex[:, r]].get(mode="promise_in_bounds")
     return out * alpha
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_lattice(height: int, width: int, sxy: float) -> tuple[Lattice, np.ndarray]:
+    """pydensecrf's lattice for the position-only kernel of an H×W image, built once per shape.
+
+    It depends on the image size only, so it is built on the host (outside any trace), trimmed
+    to its exact vertex count and renumbered in order of the first pixel touching each vertex:
+    the splat, blur and slice gathers then walk memory nearly in order (~2.5x faster than the
+    hash order on a CPU). The renumbering changes no float: splat sums each vertex's pixels in
+    pixel order either way, blur and slice are per vertex / per pixel.
+    Returns the lattice as NumPy constants and the symmetric normaliser (L·1 + 1e-20)^-1/2.
+    """
+    n = height * width
+    yy, xx = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+    feats = np.stack([xx / np.float32(sxy), yy / np.float32(sxy)], -1).reshape(n, 2)
+    fmax = np.array([(width - 1) / sxy, (height - 1) / sxy])
+    with jax.ensure_compile_time_eval():
+        lat = jax.jit(lambda f: build_lattice(f, fmax, 6 * n))(jnp.asarray(feats))
+        lat = jax.tree.map(np.asarray, lat)
+    m = int(lat.num_vertices)
+    dp1 = lat.vertex.shape[1]
+    old_cap = lat.n1.shape[1] - 1
+    first = np.full(m, n, np.int64)
+    np.minimum.at(first, lat.vertex.reshape(-1), np.repeat(np.arange(n), dp1))
+    order = np.argsort(first, kind="stable")  # new id -> old id
+    new_id = np.full(old_cap + 1, m, np.int32)  # old id -> new id; the old sentinel -> m
+    new_id[order] = np.arange(m, dtype=np.int32)
+    pad = np.full((dp1, 1), m, np.int32)
+    n1 = np.concatenate([new_id[lat.n1[:, order]], pad], 1)
+    n2 = np.concatenate([new_id[lat.n2[:, order]], pad], 1)
+    fixed = Lattice(new_id[lat.vertex], lat.weight, n1, n2, np.int32(m))
+    with jax.ensure_compile_time_eval():
+        norm = np.asarray(jax.lax.rsqrt(jax.jit(lattice_filter)(fixed, jnp.ones((n, 1), jnp.float32)) + 1e-20))
+    return fixed, norm
 
 
 def _gauss_conv(q: jax.Array, height: int, width: int, sigma: float) -> jax.Array:
@@ -309,15 +352,17 @@ def dense_crf(
     bi_w: float = BI_W,
     bi_xy_std: float = BI_XY_STD,
     bi_rgb_std: float = BI_RGB_STD,
-    spatial: str = "conv",
+    spatial: str = "lattice",
     method: str = "lattice",
     capacity: int | None = None,
 ) -> jax.Array:
     """Mean-field dense CRF with STEGO's parameters: image [H,W,3] uint8 RGB, logits [H,W,K] → probs [H,W,K].
 
     method="lattice" replicates pydensecrf's permutohedral lattice for the bilateral kernel;
-    spatial="lattice" does the same for the σ=1 kernel (bit-level agreement), spatial="conv" uses
-    an exact 7×7 separable Gaussian instead (cheaper; ~99.8% argmax agreement).
+    spatial="lattice" (default) does the same for the σ=1 kernel, whose lattice depends on the
+    image size only and is built once per shape: the same labels as pydensecrf on the benchmark
+    photos. spatial="conv" uses the exact 7×7 separable Gaussian instead, a deliberate departure
+    from pydensecrf's approximation of it (~99.8% argmax agreement, no faster end to end).
     method="exact" uses dense Gaussian kernels, O(N^2): a reference for tiny images only.
     `capacity` is the static lattice size. Default: 1.5·H·W, redone at the overflow-free 6·H·W
     when exceeded (always 6·H·W below 8192 pixels). An explicit value skips that check: vertices
@@ -334,10 +379,11 @@ def dense_crf(
     f_pos = _features(image, pos_xy_std, None)
     f_bi = _features(image, bi_xy_std, bi_rgb_std)
 
-    def mean_field(filt_pos: callable, filt_bi: callable) -> jax.Array:
+    def mean_field(filt_pos: callable, filt_bi: callable, norm_pos: jax.Array | None = None) -> jax.Array:
         ones = jnp.ones((n, 1), jnp.float32)
         # NORMALIZE_SYMMETRIC: K̃Q = n ⊙ L(n ⊙ Q) with n = (L·1 + 1e-20)^-1/2.
-        norm_pos = jax.lax.rsqrt(filt_pos(ones) + 1e-20)
+        if norm_pos is None:
+            norm_pos = jax.lax.rsqrt(filt_pos(ones) + 1e-20)
         norm_bi = jax.lax.rsqrt(filt_bi(ones) + 1e-20)
 
         def step(q: jax.Array, _: None) -> tuple[jax.Array, None]:
@@ -356,18 +402,16 @@ def dense_crf(
         return mean_field(dense(f_pos), dense(f_bi))
 
     bi_max = np.array([(w - 1) / bi_xy_std, (h - 1) / bi_xy_std] + [255.0 / bi_rgb_std] * 3)
-    pos_max = np.array([(w - 1) / pos_xy_std, (h - 1) / pos_xy_std])
 
     def solve(cap: int) -> tuple[jax.Array, jax.Array]:
         lat_bi = build_lattice(f_bi, bi_max, cap)
         m = lat_bi.num_vertices
         if spatial == "lattice":
-            lat_pos = build_lattice(f_pos, pos_max, cap)
-            m = jnp.maximum(m, lat_pos.num_vertices)
+            lat_pos, norm_pos = _fixed_lattice(h, w, float(pos_xy_std))
             filt_pos = functools.partial(lattice_filter, lat_pos)
         else:
-            filt_pos = functools.partial(_gauss_conv, height=h, width=w, sigma=pos_xy_std)
-        return mean_field(filt_pos, functools.partial(lattice_filter, lat_bi)), m
+            filt_pos, norm_pos = functools.partial(_gauss_conv, height=h, width=w, sigma=pos_xy_std), None
+        return mean_field(filt_pos, functools.partial(lattice_filter, lat_bi), norm_pos), m
 
     safe = 6 * n  # (d+1)·N vertices can never overflow
     if capacity is not None:

@@ -353,14 +353,39 @@ def test_agreement_with_pydensecrf() -> None:
         image = _photo(name, 60, 80)
         logits = _stego_like_logits(image, 5, seed)
         ref = crf._pydensecrf_one(image, logits)
-        exact = run(image, logits, spatial="lattice")
-        assert (exact.argmax(-1) == ref.argmax(-1)).mean() == 1.0
-        assert np.abs(exact - ref).max() < 1e-3
-        default = run(image, logits)
-        agree = (default.argmax(-1) == ref.argmax(-1)).mean()
+        default = run(image, logits)  # spatial="lattice"
+        assert (default.argmax(-1) == ref.argmax(-1)).mean() == 1.0
+        assert np.abs(default - ref).max() < 1e-3
+        conv = run(image, logits, spatial="conv")
+        agree = (conv.argmax(-1) == ref.argmax(-1)).mean()
         assert agree >= 0.995, (name, agree)
+    # The two crf.backend settings give the same labels.
     labels = crf.crf_labels(image[None], logits[None], backend="pydensecrf")
     np.testing.assert_array_equal(labels[0], ref.argmax(-1))
+    np.testing.assert_array_equal(crf.crf_labels(image[None], logits[None], backend="jax"), labels)
+
+
+def test_fixed_spatial_lattice_equals_the_per_image_lattice() -> None:
+    # The position-only lattice is built once per shape, trimmed and renumbered; it must filter
+    # exactly like the lattice built from the features inside a trace, at the full safe capacity.
+    h, w = 13, 17
+    lat, norm = crf._fixed_lattice(h, w, 1.0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    f = np.stack([xx, yy], -1).reshape(-1, 2)
+    fmax = np.array([w - 1.0, h - 1.0])
+    v = np.random.default_rng(3).random((h * w, 4)).astype(np.float32)
+
+    @jax.jit
+    def traced(f: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        ref = crf.build_lattice(f, fmax, 6 * h * w)
+        return crf.lattice_filter(ref, v), crf.lattice_filter(ref, jnp.ones((h * w, 1))), ref.num_vertices
+
+    want, ones, m = traced(jnp.asarray(f), jnp.asarray(v))
+    assert int(lat.num_vertices) == int(m) and lat.n1.shape == (3, int(m) + 1)
+    np.testing.assert_allclose(np.asarray(crf.lattice_filter(lat, jnp.asarray(v))), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(norm, 1.0 / np.sqrt(np.asarray(ones) + 1e-20), rtol=1e-6)
+    # Renumbered in first-touch order: the vertices of pixel 0 come first.
+    assert sorted(lat.vertex[0].tolist()) == list(range(3))
 
 
 def test_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
