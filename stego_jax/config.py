@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.flip = True
     c.eval.crf = True
     c.eval.crf_backend = "jax"
+    c.eval.crf_processes = 0  # pydensecrf backend: worker processes, 0 = one per CPU core
     c.eval.num_overlays = 8
     c.eval.kmeans_restarts = 5
 
@@ -142,6 +143,9 @@ def validate(config) -> None:
         value = _get(config, field)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.{field}={value!r} must be a positive integer")
+    procs = config.eval.get("crf_processes", 0)
+    if not isinstance(procs, int) or isinstance(procs, bool) or procs < 0:
+        raise ValueError(f"config.eval.crf_processes={procs!r} must be an integer >= 0 (0 = one per CPU core)")
     if config.batch_size < 2:
         raise ValueError("config.batch_size must be >= 2: the random-negative term pairs images of one batch")
     if config.knn.num_neighbors >= config.knn.k:

@@ -6,11 +6,13 @@ the `crf_labels` front end that can also run pydensecrf2 over a process pool.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import multiprocessing
+import multiprocessing.pool
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -355,6 +357,7 @@ def dense_crf(
     spatial: str = "lattice",
     method: str = "lattice",
     capacity: int | None = None,
+    splits: tuple[int, ...] | None = None,
 ) -> jax.Array:
     """Mean-field dense CRF with STEGO's parameters: image [H,W,3] uint8 RGB, logits [H,W,K] → probs [H,W,K].
 
@@ -364,6 +367,9 @@ def dense_crf(
     photos. spatial="conv" uses the exact 7×7 separable Gaussian instead, a deliberate departure
     from pydensecrf's approximation of it (~99.8% argmax agreement, no faster end to end).
     method="exact" uses dense Gaussian kernels, O(N^2): a reference for tiny images only.
+    `splits` (channel counts summing to K) runs independent label sets of one image together, e.g.
+    (27, 27) for STEGO's cluster and linear probes: one lattice and one filtering pass for all,
+    a softmax per set; each set's result equals its own `dense_crf` call up to float rounding.
     `capacity` is the static lattice size. Default: 1.5·H·W, redone at the overflow-free 6·H·W
     when exceeded (always 6·H·W below 8192 pixels). An explicit value skips that check: vertices
     past it are dropped.
@@ -375,7 +381,16 @@ def dense_crf(
     if method not in ("lattice", "exact") or spatial not in ("conv", "lattice"):
         raise ValueError(f"method must be 'lattice'|'exact', spatial 'conv'|'lattice'; got {method!r}, {spatial!r}")
     n = h * w
-    unary = unary_from_logits(logits).reshape(n, k)
+    splits = (k,) if splits is None else tuple(int(x) for x in splits)
+    if sum(splits) != k or min(splits) < 1:
+        raise ValueError(f"splits {splits} must be positive channel counts summing to K={k}")
+    cuts = list(np.cumsum(splits)[:-1])
+
+    def per_set(fn: callable, x: jax.Array) -> jax.Array:
+        return jnp.concatenate([fn(p) for p in jnp.split(x, cuts, axis=-1)], -1) if cuts else fn(x)
+
+    softmax = functools.partial(per_set, functools.partial(jax.nn.softmax, axis=-1))
+    unary = per_set(unary_from_logits, logits).reshape(n, k)
     f_pos = _features(image, pos_xy_std, None)
     f_bi = _features(image, bi_xy_std, bi_rgb_std)
 
@@ -389,9 +404,9 @@ def dense_crf(
         def step(q: jax.Array, _: None) -> tuple[jax.Array, None]:
             # Potts: the message enters with a + sign (pydensecrf subtracts -w·K̃Q).
             msg = pos_w * norm_pos * filt_pos(norm_pos * q) + bi_w * norm_bi * filt_bi(norm_bi * q)
-            return jax.nn.softmax(-unary + msg, axis=-1), None
+            return softmax(-unary + msg), None
 
-        q, _ = jax.lax.scan(step, jax.nn.softmax(-unary, axis=-1), None, length=iterations)
+        q, _ = jax.lax.scan(step, softmax(-unary), None, length=iterations)
         return q.reshape(h, w, k)
 
     if method == "exact":
@@ -468,20 +483,42 @@ def _pydensecrf_labels(args: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return _pydensecrf_one(*args).argmax(-1).astype(np.int32)
 
 
+_POOLS: dict[int, multiprocessing.pool.Pool] = {}
+
+
+def _pool(processes: int) -> multiprocessing.pool.Pool:
+    """A spawn-context pool kept for the life of the process (startup costs ~1 s per worker)."""
+    pool = _POOLS.get(processes)
+    if pool is None:
+        pool = _POOLS[processes] = multiprocessing.get_context("spawn").Pool(processes)
+        atexit.register(pool.terminate)
+    return pool
+
+
 def crf_labels(
     images: np.ndarray | jax.Array,
-    logits: np.ndarray | jax.Array,
+    logits: np.ndarray | jax.Array | Sequence[np.ndarray | jax.Array],
     *,
     backend: str = "jax",
     processes: int = 1,
     timeout_s: float = 300.0,
-) -> np.ndarray:
+) -> np.ndarray | list[np.ndarray]:
     """CRF-refined labels: images [B,H,W,3] uint8 RGB, logits [B,H,W,K] → int32 [B,H,W].
 
+    `logits` may be a list of label sets for the same images (e.g. [cluster, linear]): a list of
+    label arrays comes back, and the jax backend refines them together over one lattice.
     backend="jax" runs `dense_crf_batch`; backend="pydensecrf" runs pydensecrf2 on the host,
-    over a spawn-context process pool when processes > 1 (each task has `timeout_s`; if the
-    pool fails or times out it warns and finishes serially, which cannot hang).
+    over a spawn-context process pool (kept between calls) when processes > 1; each task has
+    `timeout_s`; if the pool fails or times out it is dropped with a warning and the batch
+    finishes serially, which cannot hang.
     """
+    if isinstance(logits, (list, tuple)):
+        sets = [np.asarray(x, np.float32) for x in logits]
+        if backend == "jax":
+            splits = tuple(x.shape[-1] for x in sets)
+            probs = dense_crf_batch(jnp.asarray(images), jnp.asarray(np.concatenate(sets, -1)), splits=splits)
+            return [np.asarray(jnp.argmax(p, -1), np.int32) for p in jnp.split(probs, np.cumsum(splits)[:-1], -1)]
+        return [crf_labels(images, x, backend=backend, processes=processes, timeout_s=timeout_s) for x in sets]
     if backend == "jax":
         probs = dense_crf_batch(jnp.asarray(images), jnp.asarray(logits))
         return np.asarray(jnp.argmax(probs, -1), np.int32)
@@ -497,14 +534,13 @@ def crf_labels(
     if processes > 1 and len(tasks) > 1:
         # spawn: fork can deadlock with JAX's threads (the hangs of STEGO issues #12/#16/#34);
         # per-task timeouts plus terminate() mean the pool can fail but never hang.
-        pool = multiprocessing.get_context("spawn").Pool(processes)
         try:
+            pool = _pool(processes)
             jobs = [pool.apply_async(_pydensecrf_labels, (t,)) for t in tasks]
-            out = [j.get(timeout=timeout_s) for j in jobs]
-            pool.close()
-            return np.stack(out)
+            return np.stack([j.get(timeout=timeout_s) for j in jobs])
         except Exception as e:  # noqa: BLE001 — any pool failure: finish serially
             warnings.warn(f"pydensecrf process pool failed ({e!r}); running serially", RuntimeWarning)
-        finally:
-            pool.terminate()
+            bad = _POOLS.pop(processes, None)
+            if bad is not None:
+                bad.terminate()
     return np.stack([_pydensecrf_labels(t) for t in tasks])

@@ -186,10 +186,11 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
             .reshape(lab.shape),
         }
         if use_crf:
-            preds["cluster+crf"] = jnp.asarray(crf_lib.crf_labels(images, np.asarray(cl_logits),
-                                                                  backend=config.eval.crf_backend))
-            preds["linear+crf"] = jnp.asarray(crf_lib.crf_labels(images, np.asarray(li_logits),
-                                                                 backend=config.eval.crf_backend))
+            # Both probes' logits refined together: one lattice per image for the two CRFs.
+            cl_crf, li_crf = crf_lib.crf_labels(images, [np.asarray(cl_logits), np.asarray(li_logits)],
+                                                backend=config.eval.crf_backend,
+                                                processes=config.eval.get("crf_processes", 0) or os.cpu_count() or 1)
+            preds["cluster+crf"], preds["linear+crf"] = jnp.asarray(cl_crf), jnp.asarray(li_crf)
         for k, p in preds.items():
             conf[k] += np.asarray(metrics.confusion(p.astype(jnp.int32), lab, n, conf[k].shape[0]))
         if len(overlays) < config.eval.num_overlays:

@@ -152,7 +152,8 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
             if crf:
                 from stego_jax import crf as crf_lib
 
-                pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend))
+                pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
+                                                     processes=config.eval.get("crf_processes", 0) or os.cpu_count() or 1))
             else:
                 pred = lg.argmax(-1)
             for (path, img), p in zip(chunk, pred):

@@ -388,6 +388,39 @@ def test_fixed_spatial_lattice_equals_the_per_image_lattice() -> None:
     assert sorted(lat.vertex[0].tolist()) == list(range(3))
 
 
+def test_label_sets_share_one_lattice() -> None:
+    # splits=(3, 2): two independent label sets of one image refined together give each set's
+    # own result; crf_labels does this for a list of logits.
+    image, a = _random_case(16)
+    b = np.random.default_rng(17).normal(size=(H, W, 2)).astype(np.float32)
+    both = run(image, np.concatenate([a, b], -1), splits=(3, 2))
+    np.testing.assert_allclose(both[..., :3], run(image, a), atol=1e-6)
+    np.testing.assert_allclose(both[..., 3:], run(image, b), atol=1e-6)
+    la, lb = crf.crf_labels(image[None], [a[None], b[None]])
+    np.testing.assert_array_equal(la[0], run(image, a).argmax(-1))
+    np.testing.assert_array_equal(lb[0], run(image, b).argmax(-1))
+    with pytest.raises(ValueError, match="splits"):
+        run(image, a, splits=(2, 2))
+
+
+def test_pydensecrf_pool_is_reused_and_cannot_hang() -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    cases = [_random_case(20 + i, 12, 14) for i in range(3)]
+    images = np.stack([c[0] for c in cases])
+    logits = np.stack([c[1] for c in cases])
+    serial = crf.crf_labels(images, logits, backend="pydensecrf")
+    np.testing.assert_array_equal(serial, np.stack([crf._pydensecrf_one(*c).argmax(-1) for c in cases]))
+    np.testing.assert_array_equal(crf.crf_labels(images, logits, backend="pydensecrf", processes=2), serial)
+    pool = crf._POOLS[2]
+    np.testing.assert_array_equal(crf.crf_labels(images, logits, backend="pydensecrf", processes=2), serial)
+    assert crf._POOLS[2] is pool  # kept between calls
+    # A timeout drops the pool with a warning and the batch still completes serially.
+    with pytest.warns(RuntimeWarning, match="running serially"):
+        out = crf.crf_labels(images, logits, backend="pydensecrf", processes=2, timeout_s=1e-6)
+    np.testing.assert_array_equal(out, serial)
+    assert 2 not in crf._POOLS
+
+
 def test_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     image, logits = _random_case(15)
     with pytest.raises(ValueError, match="backend"):

@@ -140,6 +140,7 @@ def test_train_step_traced_once(tmp_path, monkeypatch):
     ("batch_size", 1, r"batch_size must be >= 2"),
     ("num_steps", 0, r"config.num_steps=0 must be a positive integer"),
     ("data.name", "voc", r"config.data.name='voc'.*'cocostuff27'"),
+    ("eval.crf_processes", -1, r"config.eval.crf_processes=-1 must be an integer >= 0"),
 ])
 def test_bad_config_names_field(field, value, message):
     with pytest.raises(ValueError, match=message):
