@@ -63,7 +63,10 @@ def baselines(config, workdir: str) -> dict:
     return {k: {"mIoU": float(v["mIoU"]), "Accuracy": float(v["Accuracy"])} for k, v in out.items()}
 
 
-def run(config, workdir: str, seeds: int) -> dict:
+def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
+    """Trains and evaluates `seeds` runs, computes the baselines, writes results.md/json.
+
+    `devices` defaults to all devices (one on a plain CPU host)."""
     from stego_jax.evaluate import evaluate
     from stego_jax.train import train_and_evaluate
 
@@ -75,8 +78,8 @@ def run(config, workdir: str, seeds: int) -> dict:
         cfg.seed = s
         d = os.path.join(workdir, f"seed{s}")
         print(f"== training seed {s} -> {d}", flush=True)
-        result = train_and_evaluate(cfg, d)
-        ev = evaluate(cfg, d, params=result["params"], quiet=True)
+        result = train_and_evaluate(cfg, d, devices)
+        ev = evaluate(cfg, d, params=result["params"], quiet=True, devices=devices)
         per_seed.append({k: {"mIoU": v["mIoU"], "Accuracy": v["Accuracy"]} for k, v in ev.items()})
     base = baselines(config, os.path.join(workdir, "seed0"))
     elapsed = time.time() - t0

@@ -137,8 +137,10 @@ def train_code_sample(config, code_fn, fparams, head_params, mesh, max_pixels: i
 
 
 def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str | None = None,
-             quiet: bool = False) -> dict:
-    """Evaluate a trained run; writes the result files to `out_dir` (default workdir)."""
+             quiet: bool = False, devices: list | None = None) -> dict:
+    """Evaluate a trained run; writes the result files to `out_dir` (default workdir).
+
+    `devices` defaults to all devices of all processes."""
     from tqdm import tqdm
 
     from stego_jax import kmeans as kmeans_lib
@@ -146,7 +148,7 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
 
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(devices)
     featurizer = featurizer or build_featurizer_for_run(config, workdir)
     modules = build_modules(config)
     if params is None:
