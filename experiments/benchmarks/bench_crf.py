@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", nargs="+", default=["astronaut", "chelsea", "coffee"])
     ap.add_argument("--configs", nargs="+", default=["160x240x5", "320x320x27"], help="HxWxK")
-    ap.add_argument("--spatial", nargs="+", default=["conv", "lattice"])
+    ap.add_argument("--spatial", nargs="+", default=["lattice", "conv"], help="lattice: the default of dense_crf")
     ap.add_argument("--capacity", type=float, default=None, help="lattice capacity as a multiple of H·W")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=0, help="also time jit(vmap) over this many images")

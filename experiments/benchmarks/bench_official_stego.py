@@ -56,21 +56,38 @@ def official_src(path: str) -> str:
 # PyTorch worker (runs under --torch-python; imports no jax)
 # ------------------------------------------------------------------------------------------
 
-def torch_worker(args) -> dict:
+def import_official(path: str) -> str:
+    """Put the checkout's src/ on sys.path, behind a stand-in `utils` module (see the module
+    docstring; `unnorm`, which the official src/crf.py takes from it, is ImageNet un-normalising);
+    returns the src/ path. Torch worker only."""
     import numpy as np
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
+    src = official_src(path)
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    stand_in = types.ModuleType("utils")
+    stand_in.torch, stand_in.nn, stand_in.F, stand_in.np = torch, nn, F, np
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    stand_in.unnorm = lambda img: img * std[:, None, None].to(img) + mean[:, None, None].to(img)
+    stand_in.__all__ = ["torch", "nn", "F", "np"]
+    sys.modules["utils"] = stand_in
+    return src
+
+
+def build_official(args) -> types.SimpleNamespace:
+    """The official `DinoFeaturizer` (random-init ViT `args.model`), `ClusterLookup` and linear
+    probe as `LitUnsupervisedSegmenter` builds them, with the checkout's train_config.yml values
+    (batch and res from args), on CUDA when torch sees a GPU. Torch worker only."""
+    import torch
+    import torch.nn as nn
     import yaml
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    src = official_src(args.official)
-    sys.path.insert(0, src)
-    stand_in = types.ModuleType("utils")
-    stand_in.torch, stand_in.nn, stand_in.F, stand_in.np = torch, nn, F, np
-    stand_in.__all__ = ["torch", "nn", "F", "np"]
-    sys.modules["utils"] = stand_in
+    src = import_official(args.official)
     import dino.vision_transformer as vits  # noqa: E402  (official)
     import modules  # noqa: E402  (official src/modules.py)
 
@@ -95,10 +112,35 @@ def torch_worker(args) -> dict:
     finally:
         for undo in patches:
             undo()
-    dim = net.dim
-    cluster_probe = modules.ClusterLookup(dim, n_classes + cfg.extra_clusters)
-    linear_probe = nn.Conv2d(dim, n_classes, (1, 1))
-    loss_fn = modules.ContrastiveCorrelationLoss(cfg)
+    cluster_probe = modules.ClusterLookup(net.dim, n_classes + cfg.extra_clusters)
+    linear_probe = nn.Conv2d(net.dim, n_classes, (1, 1))
+    for m in (net, cluster_probe, linear_probe):
+        m.to(dev)
+    return types.SimpleNamespace(net=net, cluster_probe=cluster_probe, linear_probe=linear_probe,
+                                 cfg=cfg, raw=raw, dev=dev, n_classes=n_classes, modules=modules)
+
+
+def torch_device_info(dev) -> dict:
+    """Peak memory and device name of the torch worker (CUDA allocator peak, else max RSS)."""
+    import torch
+
+    if dev.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_memory_kind": "torch max_memory_allocated",
+                "torch_device": torch.cuda.get_device_name(0)}
+    return {"peak_memory_mb": common.host_peak_rss_mb(), "peak_memory_kind": "process max RSS",
+            "torch_device": "cpu"}
+
+
+def torch_worker(args) -> dict:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    parts = build_official(args)
+    net, cluster_probe, linear_probe = parts.net, parts.cluster_probe, parts.linear_probe
+    cfg, raw, dev, n_classes = parts.cfg, parts.raw, parts.dev, parts.n_classes
+    loss_fn = parts.modules.ContrastiveCorrelationLoss(cfg)
     for m in (net, cluster_probe, linear_probe, loss_fn):
         m.to(dev).train()
     net_optim = torch.optim.Adam(list(net.parameters()), lr=cfg.lr)
@@ -143,12 +185,6 @@ def torch_worker(args) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = common.timed(step, args.iters, max(args.warmup - 1, 0))
-    if dev.type == "cuda":
-        peak_mb, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "torch max_memory_allocated"
-        kind = torch.cuda.get_device_name(0)
-    else:
-        peak_mb, peak_kind = common.host_peak_rss_mb(), "process max RSS"
-        kind = "cpu"
     return {
         "impl": "official STEGO (PyTorch)",
         "model": args.model,
@@ -161,11 +197,9 @@ def torch_worker(args) -> dict:
         "ms_per_step_min": 1e3 * t["min_s"],
         "first_step_s": first_s,
         "first_loss": first_loss,
-        "peak_memory_mb": peak_mb,
-        "peak_memory_kind": peak_kind,
+        **torch_device_info(dev),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "torch_device": kind,
         "loss_cfg": {k: raw[k] for k in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight",
                                           "pos_intra_shift", "pos_inter_shift", "neg_inter_shift",
                                           "feature_samples", "neg_samples", "pointwise", "dim")},
@@ -194,11 +228,12 @@ def mock_attr(obj, name, value):
 # Driver (runs in the project's venv)
 # ------------------------------------------------------------------------------------------
 
-def run_official(args, model: str) -> dict:
-    cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", "--official",
+def run_official(args, model: str, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
+    """One official record from `script --torch-worker` run under --torch-python."""
+    cmd = [args.torch_python, os.path.abspath(script), "--torch-worker", "--official",
            args.official, "--model", model, "--batch", str(args.batch), "--res", str(args.res),
            "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--torch-threads", str(args.torch_threads)]
+           "--torch-threads", str(args.torch_threads), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
@@ -255,17 +290,10 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="vits8", help="comma list: vits8, vitb8, vits16, vitb16")
     ap.add_argument("--model", default="vits8", help=argparse.SUPPRESS)  # worker
     ap.add_argument("--dtypes", default="float32,bfloat16", help="our backbone dtypes")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--res", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="tiny check: res 64, batch 2, 2 iters")
+    common.add_shape_args(ap, quick_help="tiny check: res 64, batch 2, 2 iters")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="experiments/benchmarks/official.json")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.models, args.res, args.batch, args.iters, args.warmup = "vits8", 64, 2, 2, 1
-    return args
+    return common.parse_bench_args(ap, argv, out="experiments/benchmarks/official.json",
+                                   quick_iters=2)
 
 
 def main(argv=None) -> dict:
@@ -293,13 +321,9 @@ def main(argv=None) -> dict:
                 ours["ratio_vs_official"] = ours["images_per_s"] / off["images_per_s"]
             print(json.dumps(ours), flush=True)
             rows.append(ours)
-    env = common.machine(load_start)
-    table = markdown_table(rows, env, skipped)
-    print(table)
-    payload = {"benchmark": "official_stego", "env": env, "args": vars(args), "records": rows,
-               "skipped": skipped, "table": table}
-    common.write_json(args.out, payload)
-    return payload
+    return common.finish("official_stego", args, rows,
+                         lambda records, env: markdown_table(records, env, skipped), load_start,
+                         skipped=skipped)
 
 
 if __name__ == "__main__":

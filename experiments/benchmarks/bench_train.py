@@ -220,20 +220,14 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="vits8,vitb8", help="comma list of VIT_VARIANTS names")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="backbone compute dtypes")
     ap.add_argument("--modes", default="full,head", help="full (streamed) and/or head (cached)")
-    ap.add_argument("--batch", type=int, default=16, help="global batch (paper: 16)")
-    ap.add_argument("--res", type=int, default=224, help="training resolution (paper: 224)")
-    ap.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny check: vits8, res 64, batch 2, 2 iters (overrides the shape args)")
+    common.add_shape_args(
+        ap, batch_help="global batch (paper: 16)", res_help="training resolution (paper: 224)",
+        iters_help="timed steps (median reported)",
+        quick_help="tiny check: vits8, res 64, batch 2, 2 iters (overrides the shape args)")
     ap.add_argument("--no-isolate", action="store_true",
                     help="run all configurations in this process (peak memory is then cumulative)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # worker: model:dtype:mode
-    ap.add_argument("--out", default="experiments/benchmarks/train.json")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.models, args.res, args.batch, args.iters, args.warmup = "vits8", 64, 2, 2, 1
-    return args
+    return common.parse_bench_args(ap, argv, out="experiments/benchmarks/train.json", quick_iters=2)
 
 
 def main(argv=None) -> dict:
@@ -256,13 +250,7 @@ def main(argv=None) -> dict:
             rec = run_isolated(model, dtype, mode, args)
         print(json.dumps(rec), flush=True)
         records.append(rec)
-    env = common.machine(load_start)
-    table = markdown_table(records, env)
-    print(table)
-    payload = {"benchmark": "train", "env": env, "args": vars(args), "records": records,
-               "table": table}
-    common.write_json(args.out, payload)
-    return payload
+    return common.finish("train", args, records, markdown_table, load_start)
 
 
 if __name__ == "__main__":

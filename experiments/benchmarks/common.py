@@ -8,6 +8,7 @@ kind, CPU model, core count, load average at start and end, jax version, date.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -155,6 +156,48 @@ def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+# What --quick sets, with a per-script --iters: tiny shapes that only check that a script runs.
+QUICK_SHAPE: dict[str, Any] = {"models": "vits8", "res": 64, "batch": 2, "warmup": 1}
+
+
+def add_shape_args(ap: argparse.ArgumentParser, *, quick_help: str, batch: int = 16,
+                   res: int = 224, iters: int = 5, batch_help: str | None = None,
+                   res_help: str | None = None, iters_help: str | None = None) -> None:
+    """--batch, --res, --iters, --warmup and --quick of a step benchmark (`parse_bench_args`
+    applies --quick)."""
+    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
+    ap.add_argument("--res", type=int, default=res, help=res_help)
+    ap.add_argument("--iters", type=int, default=iters, help=iters_help)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv: list[str] | None, *, out: str,
+                     quick_iters: int) -> argparse.Namespace:
+    """Add --out (default `out`) and parse; --quick replaces --models and the shape options by
+    QUICK_SHAPE and --iters by `quick_iters`."""
+    ap.add_argument("--out", default=out)
+    args = ap.parse_args(argv)
+    if args.quick:
+        for name, value in {**QUICK_SHAPE, "iters": quick_iters}.items():
+            setattr(args, name, value)
+    return args
+
+
+def finish(benchmark: str, args: argparse.Namespace, records: list[dict],
+           table: Callable[[list[dict], dict], str], load_start: tuple[float, float, float],
+           **extra: Any) -> dict:
+    """Print `table(records, env)` and write {benchmark, env, args, records, **extra, table} to
+    `args.out`; return that payload."""
+    env = machine(load_start)
+    text = table(records, env)
+    print(text)
+    payload = {"benchmark": benchmark, "env": env, "args": vars(args), "records": records, **extra,
+               "table": text}
+    write_json(args.out, payload)
+    return payload
 
 
 def last_json_line(text: str) -> dict:

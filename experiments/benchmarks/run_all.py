@@ -4,12 +4,14 @@ Each benchmark runs as its own subprocess (a fresh process per benchmark: clean 
 figures, one failure does not stop the others): backbone, train, feature cache
 (bench_feature_cache.py, if present), eval, crf (bench_crf.py, if present), knn (a k-NN table
 with stego_jax.knn.knn_table on random descriptors) and, with --official PATH, the side-by-side
-run against the official PyTorch STEGO. Only the text between the markers
+runs against the official PyTorch STEGO: train step (official) and evaluation with CRF
+(official_eval). Only the text between the markers
 `<!-- BEGIN GENERATED -->` and `<!-- END GENERATED -->` of RESULTS.md is replaced.
 
   python experiments/benchmarks/run_all.py                      # paper settings (slow on CPU)
   python experiments/benchmarks/run_all.py --quick              # tiny shapes: checks everything
   python experiments/benchmarks/run_all.py --official /tmp/stego_official --only train,official
+  python experiments/benchmarks/run_all.py --cpu --official /tmp/stego_official --only official_eval
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ CPU_PROFILE = {
     "eval": ["--models", "vits8", "--res", "320", "--batch", "4", "--iters", "2", "--warmup", "1"],
     "official": ["--models", "vits8", "--dtypes", "float32", "--batch", "16", "--res", "224",
                  "--iters", "2", "--warmup", "1"],
+    "official_eval": ["--models", "vits8", "--res", "320", "--batch", "4", "--iters", "2",
+                      "--warmup", "1"],
     "feature_cache": ["--model", "vits8", "--res", "224", "--batch", "16", "--steps", "6",
                       "--log-every", "2", "--n-train", "64"],
-    "crf": ["--repeats", "3", "--batch", "2", "--spatial", "conv"],
+    "crf": ["--repeats", "3", "--batch", "2", "--spatial", "lattice", "conv"],
     "knn": [],
 }
 
@@ -68,7 +72,7 @@ CPU_PROFILE = {
 def script_args(name: str, quick: bool, args) -> list[str] | None:
     """Command-line arguments of one benchmark (None: the script is absent)."""
     if getattr(args, "cpu", False) and not quick:
-        if name == "official":
+        if name in ("official", "official_eval"):
             if not args.official:
                 return None
             return ["--official", args.official, "--torch-python", args.torch_python] + CPU_PROFILE[name]
@@ -91,6 +95,12 @@ def script_args(name: str, quick: bool, args) -> list[str] | None:
             return None
         return ["--official", args.official, "--torch-python", args.torch_python] + (
             ["--quick"] if quick else ["--models", "vits8,vitb8", "--iters", "10", "--warmup", "2"])
+    if name == "official_eval":  # batch 16: the official eval loader's (2 x eval_config batch_size)
+        if not args.official:
+            return None
+        return ["--official", args.official, "--torch-python", args.torch_python] + (
+            ["--quick"] if quick else ["--models", "vits8,vitb8", "--batch", "16", "--iters", "5",
+                                       "--warmup", "1"])
     if name in ("feature_cache", "crf"):
         path = os.path.join(HERE, f"bench_{name}.py")
         if not os.path.exists(path):
@@ -107,8 +117,9 @@ def script_args(name: str, quick: bool, args) -> list[str] | None:
 
 SCRIPTS = {"backbone": "bench_backbone.py", "train": "bench_train.py",
            "feature_cache": "bench_feature_cache.py", "eval": "bench_eval.py",
-           "crf": "bench_crf.py", "knn": "run_all.py", "official": "bench_official_stego.py"}
-ORDER = ["backbone", "train", "feature_cache", "eval", "crf", "knn", "official"]
+           "crf": "bench_crf.py", "knn": "run_all.py", "official": "bench_official_stego.py",
+           "official_eval": "bench_official_eval.py"}
+ORDER = ["backbone", "train", "feature_cache", "eval", "crf", "knn", "official", "official_eval"]
 
 
 def run_one(name: str, extra: list[str], out: str, timeout: float | None) -> dict:
@@ -286,7 +297,7 @@ def main(argv=None) -> None:
     for name in names:
         extra = script_args(name, args.quick, args)
         if extra is None:
-            skipped[name] = ("no --official PATH given" if name == "official"
+            skipped[name] = ("no --official PATH given" if name.startswith("official")
                              else f"experiments/benchmarks/{SCRIPTS[name]} does not exist")
             print(f"== {name}: skipped ({skipped[name]})", flush=True)
             continue
