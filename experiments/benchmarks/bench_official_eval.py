@@ -44,8 +44,8 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (stdlib only: also imported by the torch worker)
-from bench_official_stego import (build_official, import_official, run_official,  # noqa: E402
-                                  skip_reason, torch_device_info)
+from bench_official_stego import (add_official_args, build_official, import_official,  # noqa: E402
+                                  run_official, skip_reason, torch_device_info)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 OFFICIAL = "official STEGO (PyTorch)"
@@ -231,13 +231,7 @@ def markdown_table(rows: list[dict], stages: list[dict], env: dict, skipped: str
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", default="", help="checkout of mhamilton723/STEGO (root or src/)")
-    ap.add_argument("--torch-python", default="/work/torchvenv/bin/python",
-                    help="Python of the environment with torch (+ pyyaml, pillow, pydensecrf2)")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch.set_num_threads for the official side (0: torch's default)")
-    ap.add_argument("--models", default="vits8", help="comma list: vits8, vitb8, vits16, vitb16")
-    ap.add_argument("--model", default="vits8", help=argparse.SUPPRESS)  # worker
+    add_official_args(ap, "pyyaml, pillow, pydensecrf2")
     ap.add_argument("--dtype", default="float32", help="our backbone dtype")
     common.add_shape_args(ap, batch=4, res=320, iters=2, iters_help="timed batches",
                           res_help="eval resolution (official: 320)",

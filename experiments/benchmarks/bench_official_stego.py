@@ -280,15 +280,20 @@ def markdown_table(rows: list[dict], env: dict, skipped: str | None) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_official_args(ap: argparse.ArgumentParser, torch_packages: str = "pyyaml, pillow") -> None:
+    """The options both side-by-side scripts share: the checkout, the torch environment, models."""
     ap.add_argument("--official", default="", help="checkout of mhamilton723/STEGO (root or src/)")
     ap.add_argument("--torch-python", default="/work/torchvenv/bin/python",
-                    help="Python of the environment with torch (+ pyyaml, pillow)")
+                    help=f"Python of the environment with torch (+ {torch_packages})")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads for the official side (0: torch's default)")
     ap.add_argument("--models", default="vits8", help="comma list: vits8, vitb8, vits16, vitb16")
     ap.add_argument("--model", default="vits8", help=argparse.SUPPRESS)  # worker
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_official_args(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="our backbone dtypes")
     common.add_shape_args(ap, quick_help="tiny check: res 64, batch 2, 2 iters")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
