@@ -210,7 +210,8 @@ def test_forward_and_attention_match_numpy(which, hw, params8, params16):
 
 
 def test_fused_attention_path_matches_numpy(params16):
-    # Without return_attention every block, including the last, takes jax.nn.dot_product_attention.
+    # Without return_attention every block, including the last, takes jax.nn.dot_product_attention
+    # (9 tokens: below the CPU threshold of the explicit path).
     x = np.random.default_rng(7).normal(size=(1, 48, 48, 3)).astype(np.float32)
     tokens = _apply(TINY16, params16, x, return_attention=False)
     ref_tokens, _ = _numpy_vit(params16, x.astype(np.float64), TINY16)
@@ -218,6 +219,24 @@ def test_fused_attention_path_matches_numpy(params16):
     fmap = vit.patch_tokens_to_map(tokens, (3, 3))
     assert fmap.shape == (1, 3, 3, 48)
     np.testing.assert_array_equal(np.asarray(fmap[0, 1, 2]), np.asarray(tokens[0, 1 + 1 * 3 + 2]))
+
+
+def test_cpu_long_sequence_path_equals_fused_path(params16, monkeypatch):
+    # On CPU, sequences of >= _CPU_EXPLICIT_MIN_TOKENS tokens take the explicit einsum path: it
+    # must give what dot_product_attention gives (and both the NumPy reference).
+    x = np.random.default_rng(8).normal(size=(1, 48, 48, 3)).astype(np.float32)
+    model = vit.VisionTransformer(TINY16)
+
+    def traced() -> str:
+        return str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params16, x))
+
+    monkeypatch.setattr(vit, "_CPU_EXPLICIT_MIN_TOKENS", 10**9)
+    fused, fused_jaxpr = np.asarray(_apply(TINY16, params16, x, return_attention=False)), traced()
+    monkeypatch.setattr(vit, "_CPU_EXPLICIT_MIN_TOKENS", 1)
+    explicit, explicit_jaxpr = np.asarray(_apply(TINY16, params16, x, return_attention=False)), traced()
+    assert explicit_jaxpr != fused_jaxpr  # the threshold really switches the path
+    np.testing.assert_allclose(explicit, fused, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(explicit, _numpy_vit(params16, x.astype(np.float64), TINY16)[0], atol=3e-5, rtol=0)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(params8):

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -18,6 +19,9 @@ from scipy import ndimage
 from skimage import data, transform
 
 from stego_jax import crf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 def photo(name: str, h: int, w: int) -> np.ndarray:
@@ -73,6 +77,7 @@ def main() -> None:
     except ImportError:
         have_ref = False
 
+    load_start = os.getloadavg()
     rows = []
     for cfg in args.configs:
         h, w, k = (int(x) for x in cfg.split("x"))
@@ -124,18 +129,24 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    print(f"\nload average {os.getloadavg()}; {os.cpu_count()} CPUs; jax {jax.__version__}\n")
-    print("| config | spatial | image | agree vs pydensecrf | mean\\|ΔQ\\| | pydensecrf s | ours s | speed vs ref | first call s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    env = common.machine(load_start)
+    lines = [common.machine_line(env), "",
+             "| config | spatial | image | agree vs pydensecrf | mean\\|ΔQ\\| | pydensecrf s | ours s | speed vs ref | first call s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         agree = f"{100 * r['agree']:.2f}%" if "agree" in r else "–"
         dq = f"{r['mean_abs_dq']:.1e}" if "mean_abs_dq" in r else "–"
         ref = f"{r['ref_s']:.3f}" if "ref_s" in r else "–"
         sp = f"{r['speed_vs_ref']:.2f}×" if "speed_vs_ref" in r else "–"
-        print(f"| {r['config']} | {r['spatial']} | {r['image']} | {agree} | {dq} | {ref} | {r['ours_s']:.3f} | {sp} | {r['first_call_s']:.1f} |")
+        lines.append(f"| {r['config']} | {r['spatial']} | {r['image']} | {agree} | {dq} | {ref} | "
+                     f"{r['ours_s']:.3f} | {sp} | {r['first_call_s']:.1f} |")
+    lines += ["", "pydensecrf2 single-threaded, ours on the default JAX device; both alternate in one "
+              "process so load changes hit both. spatial=lattice is dense_crf's default."]
+    table = "\n".join(lines)
+    print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"env": env, "args": vars(args), "records": rows, "table": table}, f, indent=1)
 
 
 if __name__ == "__main__":

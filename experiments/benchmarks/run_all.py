@@ -273,16 +273,19 @@ def main(argv=None) -> None:
         knn_worker(args)
         return
 
+    def stored(name: str) -> dict | None:
+        """The record of an earlier run of `name` from its JSON file (None: there is none)."""
+        path = os.path.join(args.json_dir, f"{name}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            payload = json.load(f)
+        machine = payload.get("machine") if isinstance(payload, dict) else None
+        return {"name": name, "command": f"see {os.path.relpath(path, REPO)}", "rc": 0,
+                "wall_s": 0.0, "machine": machine or common.machine(), "payload": payload}
+
     if args.render_only:  # rebuild RESULTS.md from the JSON files of earlier runs
-        results = []
-        for name in ORDER:
-            path = os.path.join(args.json_dir, f"{name}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    payload = json.load(f)
-                machine = payload.get("machine") if isinstance(payload, dict) else None
-                results.append({"name": name, "command": f"see {os.path.relpath(path, REPO)}", "rc": 0,
-                                "wall_s": 0.0, "machine": machine or common.machine(), "payload": payload})
+        results = [r for r in map(stored, ORDER) if r is not None]
         write_results(args.results, render(results, {}, False, args.cpu))
         print(f"wrote {args.results} from {len(results)} JSON files in {args.json_dir}")
         return
@@ -303,6 +306,9 @@ def main(argv=None) -> None:
             continue
         out = os.path.join(args.json_dir, f"{name}{suffix}.json")
         results.append(run_one(name, extra, out, args.timeout or None))
+    if not args.quick:  # --only: the benchmarks not rerun keep their earlier figures
+        ran = {r["name"]: r for r in results}
+        results = [r for r in (ran.get(n) or stored(n) for n in ORDER) if r is not None]
     write_results(args.results, render(results, skipped, args.quick, args.cpu))
     print(f"wrote {args.results}; JSON in {args.json_dir}")
     failed = [r["name"] for r in results if "payload" not in r]
