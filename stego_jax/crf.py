@@ -288,9 +288,10 @@ def _fixed_lattice(height: int, width: int, sxy: float) -> tuple[Lattice, np.nda
 
     It depends on the image size only, so it is built on the host (outside any trace), trimmed
     to its exact vertex count and renumbered in order of the first pixel touching each vertex:
-    the splat, blur and slice gathers then walk memory nearly in order (~2.5x faster than the
-    hash order on a CPU). The renumbering changes no float: splat sums each vertex's pixels in
-    pixel order either way, blur and slice are per vertex / per pixel.
+    the splat, blur and slice gathers then walk memory nearly in order (measured at 320x320x27
+    on a 2-core CPU: 39 ms per filter vs 71 ms for the per-image lattice in hash order, plus
+    the 80 ms build saved per call). Splat still sums each vertex's pixels in pixel order, blur
+    and slice are per vertex / per pixel: the same filter up to float rounding.
     Returns the lattice as NumPy constants and the symmetric normaliser (L·1 + 1e-20)^-1/2.
     """
     n = height * width
