@@ -129,6 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: config.demo_seeds)")
     args = p.parse_args(argv)
     config = load_config_file(args.config, args.config_arg)
+    from stego_jax import parallel
+
+    parallel.enable_compilation_cache()
     run(config, args.workdir, args.seeds or config.get("demo_seeds", 1))
 
 

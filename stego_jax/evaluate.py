@@ -281,6 +281,7 @@ def main(argv):
     del argv
     from absl import flags
 
+    parallel.enable_compilation_cache()
     evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -346,6 +346,7 @@ def main(argv: Sequence[str]) -> None:
     from stego_jax.train import build_train_featurizer, local_featurize_fn
 
     config = flags.FLAGS.config
+    parallel.enable_compilation_cache()
     parallel.initialize_distributed(config)  # before any JAX computation
     validate(config)
     directory = cache_dir(config)

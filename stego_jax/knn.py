@@ -311,6 +311,9 @@ def run(
 def main(argv: Sequence[str]) -> None:
     """absl entry point: `python -m stego_jax.knn --config configs/<name>.py`."""
     del argv
+    from stego_jax import parallel
+
+    parallel.enable_compilation_cache()
     run(_CONFIG.value)
 
 

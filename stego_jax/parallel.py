@@ -19,6 +19,42 @@ ENV_PROCESS_ID = "STEGO_PROCESS_ID"
 ENV_CPU_DEVICES = "STEGO_CPU_DEVICES"
 
 
+ENV_COMPILATION_CACHE = "STEGO_JAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache for a command-line program; returns its folder.
+
+    Compiled steps, backbones and CRFs of a given shape are then reused by later runs (a resumed
+    training run, evaluate/predict again) instead of being compiled anew. The folder: `path`,
+    else $STEGO_JAX_COMPILATION_CACHE, else one the user already gave JAX
+    ($JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/stego_jax/xla (~/.cache/...).
+    "off" (or "0", "none") turns it off; an unwritable folder only warns.
+    """
+    path = os.environ.get(ENV_COMPILATION_CACHE) if path is None else path
+    if path is not None and path.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "stego_jax", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"compilation cache off ({e}); set ${ENV_COMPILATION_CACHE} to a writable "
+                      "folder or to 'off'", RuntimeWarning)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Only compilations that take a while are worth a file.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 def _field(dist: Any, name: str, unset: Any, env: str | None) -> Any:
     """`config.distributed.<name>` unless it holds its 'unset' value (base_config uses "", 0 and
     -1, since ml_collections fields keep their type), then the environment, else None."""

@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--linear", action="store_true", help="use the (supervised) linear probe")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
+    from stego_jax import parallel
+
+    parallel.enable_compilation_cache()
     summary = predict_folder(args.workdir, args.images, args.out, crf=args.crf,
                              use_linear=args.linear, batch_size=args.batch_size)
     return 0 if summary["written"] or not summary["failed"] else 1

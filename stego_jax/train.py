@@ -683,6 +683,7 @@ def main(argv):
 
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
+    parallel.enable_compilation_cache()
     train_and_evaluate(config, workdir)
 
 

@@ -12,6 +12,11 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Programs the tests start as subprocesses use a compilation cache of this session only.
+if "STEGO_JAX_COMPILATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["STEGO_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="stego_jax_xla_")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
