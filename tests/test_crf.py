@@ -414,10 +414,13 @@ def test_pydensecrf_pool_is_reused_and_cannot_hang() -> None:
     pool = crf._POOLS[2]
     np.testing.assert_array_equal(crf.crf_labels(images, logits, backend="pydensecrf", processes=2), serial)
     assert crf._POOLS[2] is pool  # kept between calls
-    # A timeout drops the pool with a warning and the batch still completes serially.
+    # A timeout drops the pool with a warning and the batch still completes serially. The images
+    # are large enough (~0.1 s each) that a 1 ms timeout cannot be met by a warm pool.
+    big = [_random_case(30 + i, 160, 240) for i in range(2)]
+    images, logits = np.stack([c[0] for c in big]), np.stack([c[1] for c in big])
     with pytest.warns(RuntimeWarning, match="running serially"):
-        out = crf.crf_labels(images, logits, backend="pydensecrf", processes=2, timeout_s=1e-6)
-    np.testing.assert_array_equal(out, serial)
+        out = crf.crf_labels(images, logits, backend="pydensecrf", processes=2, timeout_s=1e-3)
+    np.testing.assert_array_equal(out, np.stack([crf._pydensecrf_one(*c).argmax(-1) for c in big]))
     assert 2 not in crf._POOLS
 
 
