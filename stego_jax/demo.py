@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stego_jax import kmeans as kmeans_lib
-from stego_jax import losses, metrics
+from stego_jax import losses, metrics, parallel
 from stego_jax.config import load_config_file
 
 
@@ -129,8 +129,6 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: config.demo_seeds)")
     args = p.parse_args(argv)
     config = load_config_file(args.config, args.config_arg)
-    from stego_jax import parallel
-
     parallel.enable_compilation_cache()
     run(config, args.workdir, args.seeds or config.get("demo_seeds", 1))
 

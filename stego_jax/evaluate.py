@@ -191,7 +191,7 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
             # Both probes' logits refined together: one lattice per image for the two CRFs.
             cl_crf, li_crf = crf_lib.crf_labels(images, [np.asarray(cl_logits), np.asarray(li_logits)],
                                                 backend=config.eval.crf_backend,
-                                                processes=config.eval.get("crf_processes", 0) or os.cpu_count() or 1)
+                                                processes=config.eval.get("crf_processes", 0))
             preds["cluster+crf"], preds["linear+crf"] = jnp.asarray(cl_crf), jnp.asarray(li_crf)
         for k, p in preds.items():
             conf[k] += np.asarray(metrics.confusion(p.astype(jnp.int32), lab, n, conf[k].shape[0]))

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stego_jax import parallel
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale.
@@ -311,8 +313,6 @@ def run(
 def main(argv: Sequence[str]) -> None:
     """absl entry point: `python -m stego_jax.knn --config configs/<name>.py`."""
     del argv
-    from stego_jax import parallel
-
     parallel.enable_compilation_cache()
     run(_CONFIG.value)
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stego_jax import parallel
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
@@ -101,7 +103,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
     from PIL import Image
     from tqdm import tqdm
 
-    from stego_jax import losses, parallel
+    from stego_jax import losses
     from stego_jax.evaluate import PALETTE, build_featurizer_for_run, make_code_fn
     from stego_jax.train import build_modules, load_run_config, make_featurize, restore_params
 
@@ -153,7 +155,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
                 from stego_jax import crf as crf_lib
 
                 pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
-                                                     processes=config.eval.get("crf_processes", 0) or os.cpu_count() or 1))
+                                                     processes=config.eval.get("crf_processes", 0)))
             else:
                 pred = lg.argmax(-1)
             for (path, img), p in zip(chunk, pred):
@@ -189,8 +191,6 @@ def main(argv=None) -> int:
     p.add_argument("--linear", action="store_true", help="use the (supervised) linear probe")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-    from stego_jax import parallel
-
     parallel.enable_compilation_cache()
     summary = predict_folder(args.workdir, args.images, args.out, crf=args.crf,
                              use_linear=args.linear, batch_size=args.batch_size)

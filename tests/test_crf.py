@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -414,6 +415,9 @@ def test_pydensecrf_pool_is_reused_and_cannot_hang() -> None:
     pool = crf._POOLS[2]
     np.testing.assert_array_equal(crf.crf_labels(images, logits, backend="pydensecrf", processes=2), serial)
     assert crf._POOLS[2] is pool  # kept between calls
+    # processes=0: one worker per CPU core (what eval.crf_processes=0 asks for).
+    np.testing.assert_array_equal(crf.crf_labels(images, logits, backend="pydensecrf", processes=0), serial)
+    assert (os.cpu_count() or 1) == 1 or os.cpu_count() in crf._POOLS
     # A timeout drops the pool with a warning and the batch still completes serially. The images
     # are large enough (~0.1 s each) that a 1 ms timeout cannot be met by a warm pool.
     big = [_random_case(30 + i, 160, 240) for i in range(2)]

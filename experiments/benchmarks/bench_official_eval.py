@@ -241,7 +241,6 @@ def parse_args(argv=None):
                     help="CRF process pool size, both sides (official config: 29)")
     ap.add_argument("--crf-backends", default="jax,pydensecrf", help="our CRF backends")
     ap.add_argument("--images", default="", help=argparse.SUPPRESS)  # worker: .npy of the photos
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     return common.parse_bench_args(ap, argv, out="experiments/benchmarks/official_eval.json",
                                    quick_iters=1)
 

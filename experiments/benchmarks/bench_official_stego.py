@@ -289,6 +289,7 @@ def add_official_args(ap: argparse.ArgumentParser, torch_packages: str = "pyyaml
                     help="torch.set_num_threads for the official side (0: torch's default)")
     ap.add_argument("--models", default="vits8", help="comma list: vits8, vitb8, vits16, vitb16")
     ap.add_argument("--model", default="vits8", help=argparse.SUPPRESS)  # worker
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def parse_args(argv=None):
@@ -296,7 +297,6 @@ def parse_args(argv=None):
     add_official_args(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="our backbone dtypes")
     common.add_shape_args(ap, quick_help="tiny check: res 64, batch 2, 2 iters")
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     return common.parse_bench_args(ap, argv, out="experiments/benchmarks/official.json",
                                    quick_iters=2)
 
