@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stego_jax import kmeans as kmeans_lib
-from stego_jax import losses, metrics, parallel
+from stego_jax import metrics, ops, parallel
 from stego_jax.config import load_config_file
 
 
@@ -57,7 +57,7 @@ def baselines(config, workdir: str) -> dict:
     x = x[rng.choice(len(x), min(len(x), 100_000), replace=False)]
     km = kmeans_lib.kmeans_fit(key, jnp.asarray(x), n, iters=30, metric="cosine",
                                restarts=config.eval.kmeans_restarts)
-    up = losses.upsample_bilinear(f_va, va_lab.shape[1:3])
+    up = ops.upsample_bilinear(f_va, va_lab.shape[1:3])
     pred = kmeans_lib.assign(up.reshape(-1, up.shape[-1]), km.centroids, "cosine").reshape(va_lab.shape)
     out[f"k-means on frozen features ({feat.name})"] = _scores(pred, va_lab, n)
     return {k: {"mIoU": float(v["mIoU"]), "Accuracy": float(v["Accuracy"])} for k, v in out.items()}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stego_jax import losses, metrics, parallel
+from stego_jax import metrics, ops, parallel
 from stego_jax.train import build_modules, codes, make_featurize, restore_params
 
 PALETTE = np.array(
@@ -91,7 +91,7 @@ def make_heads_fn(modules):
 
     @jax.jit
     def heads(params, c, labels_like):
-        c = losses.upsample_bilinear(c, labels_like.shape[1:3])
+        c = ops.upsample_bilinear(c, labels_like.shape[1:3])
         cos = cluster.apply({"params": params["cluster_probe"]}, c)
         logits = linear.apply({"params": params["linear_probe"]}, c)
         return 2.0 * cos, logits, c

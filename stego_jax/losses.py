@@ -6,22 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from stego_jax.ops import norm, upsample_bilinear
+
 Array = jax.Array
-
-
-def norm(t: Array, eps: float = 1e-10) -> Array:
-    """L2-normalise the last axis, as `F.normalize`: ``t / max(||t||, eps)``.
-
-    Args:
-      t: ``[..., C]``.
-      eps: lower bound on the norm (the official loss uses 1e-10, the cluster probe 1e-12).
-    Returns:
-      ``[..., C]``.
-    """
-    # sqrt(max(|t|^2, eps^2)) == max(|t|, eps) but keeps the gradient finite at t == 0
-    # (the naive form multiplies 0 by the infinite derivative of sqrt at 0).
-    sq = jnp.sum(jnp.square(t), axis=-1, keepdims=True)
-    return t / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
 def tensor_correlation(a: Array, b: Array) -> Array:
@@ -280,19 +267,6 @@ def cluster_probe_loss(cos: Array) -> Array:
     k = jnp.argmax(cos, axis=-1)
     best = jnp.take_along_axis(cos, k[..., None], axis=-1)[..., 0]
     return -jnp.mean(best)
-
-
-def upsample_bilinear(x: Array, hw: tuple[int, int]) -> Array:
-    """Bilinear resize, as ``F.interpolate(mode='bilinear', align_corners=False)``.
-
-    Args:
-      x: ``[B, h, w, C]``.
-      hw: target ``(H, W)``.
-    Returns:
-      ``[B, H, W, C]``.
-    """
-    # antialias=False: torch's bilinear does not low-pass when shrinking, so neither do we.
-    return jax.image.resize(x, (x.shape[0], hw[0], hw[1], x.shape[-1]), "linear", antialias=False)
 
 
 def linear_probe_loss(logits: Array, labels: Array, n_classes: int) -> Array:

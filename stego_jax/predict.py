@@ -103,7 +103,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
     from PIL import Image
     from tqdm import tqdm
 
-    from stego_jax import losses
+    from stego_jax import ops
     from stego_jax.evaluate import PALETTE, build_featurizer_for_run, make_code_fn
     from stego_jax.train import build_modules, load_run_config, make_featurize, restore_params
 
@@ -120,7 +120,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
 
     @jax.jit
     def logits_fn(params, c, hw_like):
-        c = losses.upsample_bilinear(c, hw_like.shape[1:3])
+        c = ops.upsample_bilinear(c, hw_like.shape[1:3])
         if use_linear:
             return linear.apply({"params": params["linear_probe"]}, c)
         return 2.0 * cluster.apply({"params": params["cluster_probe"]}, c)

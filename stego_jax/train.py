@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from stego_jax import losses, metrics, parallel
+from stego_jax import losses, metrics, ops, parallel
 from stego_jax.config import validate
 from stego_jax.models.head import ClusterProbe, LinearProbe, SegmentationHead
 
@@ -166,7 +166,7 @@ def make_predict_fn(config, modules):
     @functools.partial(jax.jit, static_argnums=(2,))
     def predict(params, feats, out_hw):
         c = codes(head, params["head"], feats)
-        c = losses.upsample_bilinear(c, out_hw)
+        c = ops.upsample_bilinear(c, out_hw)
         cos = cluster.apply({"params": params["cluster_probe"]}, c)
         logits = linear.apply({"params": params["linear_probe"]}, c)
         return jnp.argmax(cos, -1).astype(jnp.int32), jnp.argmax(logits, -1).astype(jnp.int32)

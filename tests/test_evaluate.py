@@ -45,7 +45,7 @@ def reference_cluster_cos(d, cfg):
     independently of evaluate.py's batching, padding and jitted helpers."""
     import jax.numpy as jnp
 
-    from stego_jax import losses
+    from stego_jax import ops
     from stego_jax.data import build_dataset
     from stego_jax.data.transforms import normalize
 
@@ -56,7 +56,7 @@ def reference_cluster_cos(d, cfg):
     imgs = np.stack([ds[i]["image"] for i in range(len(ds))])
     labs = np.stack([ds[i]["label"] for i in range(len(ds))])
     c = head.apply({"params": params["head"]}, featurizer(jnp.asarray(normalize(imgs))), train=False)[1]
-    cos = cluster.apply({"params": params["cluster_probe"]}, losses.upsample_bilinear(c, labs.shape[1:3]))
+    cos = cluster.apply({"params": params["cluster_probe"]}, ops.upsample_bilinear(c, labs.shape[1:3]))
     return imgs, labs, np.asarray(cos)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stego_jax import losses
+from stego_jax import losses, ops
 
 WEIGHTS = dict(
     pos_intra_weight=0.67, pos_inter_weight=0.25, neg_inter_weight=0.63,
@@ -140,10 +140,10 @@ def test_sample_rejects_bad_shapes():
 
 def test_norm_matches_f_normalize_and_has_finite_grad_at_zero():
     x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-12, 0.0]], np.float32)
-    got = np.asarray(losses.norm(jnp.asarray(x)))
+    got = np.asarray(ops.norm(jnp.asarray(x)))
     ref = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-10)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    g = jax.grad(lambda v: losses.norm(v).sum())(jnp.zeros((3,)))
+    g = jax.grad(lambda v: ops.norm(v).sum())(jnp.zeros((3,)))
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -308,7 +308,7 @@ def test_cluster_probe_loss_matches_loop():
 @pytest.mark.parametrize("hw", [(9, 7), (2, 3)])
 def test_upsample_bilinear_matches_align_corners_false(hw):
     x = np.random.default_rng(7).normal(size=(2, 4, 5, 3)).astype(np.float32)
-    got = np.asarray(losses.upsample_bilinear(jnp.asarray(x), hw))
+    got = np.asarray(ops.upsample_bilinear(jnp.asarray(x), hw))
     np.testing.assert_allclose(got, np_resize_bilinear(x, *hw), atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stego_jax.losses import norm
+from stego_jax.ops import norm
 
 Array = jax.Array
 
