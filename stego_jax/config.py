@@ -8,7 +8,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults = the official STEGO `train_config.yml` values (STEGO_FACTS 2.5/2.6)."""
+    """Defaults = the values of the official STEGO `src/configs/train_config.yml`."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_steps = 5000
@@ -160,6 +160,14 @@ def validate(config) -> None:
             f"config.data.res={config.data.res} must be a multiple of config.model.patch_size="
             f"{config.model.patch_size}"
         )
+
+
+def eval_config(config) -> ml_collections.ConfigDict:
+    """The data config for evaluation: validation split at eval.res, no crops."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.res = config.eval.res
+    c.data.crop_type = None
+    return c
 
 
 def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:

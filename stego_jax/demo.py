@@ -2,7 +2,7 @@
 several seeds -> cluster/k-means/linear evaluation beside the trivial and k-means baselines.
 
 Needs no internet and no weights. The featurizer is a fixed patch descriptor, not DINO: see
-configs/demo.py and shared/DEMO_NOTES.md for why.
+configs/demo.py and docs/demo.md for why.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ import numpy as np
 from stego_jax import kmeans as kmeans_lib
 from stego_jax import metrics, ops, parallel
 from stego_jax.config import load_config_file
+from stego_jax.data import build_dataset
+from stego_jax.data.transforms import normalize
+from stego_jax.evaluate import evaluate
+from stego_jax.featurize import run_featurizer
+from stego_jax.train import train_and_evaluate
 
 
 def _scores(pred, labels, n, hungarian=True) -> dict:
@@ -29,10 +34,6 @@ def _scores(pred, labels, n, hungarian=True) -> dict:
 def baselines(config, workdir: str) -> dict:
     """Trivial (one class everywhere), k-means on raw RGB pixels, k-means on the frozen features;
     all clusterings fitted on training data and chosen by their objective, never by labels."""
-    from stego_jax.data import build_dataset
-    from stego_jax.data.transforms import normalize
-    from stego_jax.evaluate import build_featurizer_for_run
-
     n = config.data.n_classes
     train = build_dataset(config, "train")
     val = build_dataset(config, "val")
@@ -50,7 +51,7 @@ def baselines(config, workdir: str) -> dict:
                              km.centroids, "euclidean").reshape(va_lab.shape)
     out["k-means on RGB pixels"] = _scores(pred, va_lab, n)
 
-    feat = build_featurizer_for_run(config, workdir)
+    feat = run_featurizer(config, workdir)
     f_tr = np.asarray(feat(jnp.asarray(normalize(tr_img))))
     f_va = feat(jnp.asarray(normalize(va_img)))
     x = f_tr.reshape(-1, f_tr.shape[-1])
@@ -67,9 +68,6 @@ def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
     """Trains and evaluates `seeds` runs, computes the baselines, writes results.md/json.
 
     `devices` defaults to all devices (one on a plain CPU host)."""
-    from stego_jax.evaluate import evaluate
-    from stego_jax.train import train_and_evaluate
-
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     per_seed = []
@@ -88,9 +86,7 @@ def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
         vals = np.array([r[key][metric] for r in per_seed])
         return vals.mean(), vals.min(), vals.max()
 
-    from stego_jax.evaluate import build_featurizer_for_run
-
-    feat = build_featurizer_for_run(config, os.path.join(workdir, "seed0"))
+    feat = run_featurizer(config, os.path.join(workdir, "seed0"))
     lines = [
         "# stego_jax offline demo",
         "",

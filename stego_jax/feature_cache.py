@@ -34,7 +34,17 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from absl import flags
+
+from stego_jax import knn as knn_lib
+from stego_jax import parallel
+from stego_jax.config import validate
+from stego_jax.data import build_dataset
+from stego_jax.featurize import local_featurize_fn, run_featurizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,12 +53,6 @@ DTYPES = ("bfloat16", "float32")
 # Data fields that cannot change the training items (workers, the validation split's size).
 _DATA_FIELDS_IGNORED = ("num_workers", "n_val")
 _SHARD_BYTES = 256 << 20  # default shard size: big sequential files, few of them
-
-
-def _bfloat16():
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16
 
 
 def cache_dir(config) -> str:
@@ -74,8 +78,6 @@ def cache_dtype(config) -> str:
 def params_sha256(params: Any) -> str:
     """sha256 over the featurizer's parameter tree (paths, dtypes, shapes, bytes): the cache
     depends on the weights, not only on the backbone's name (a path can be overwritten)."""
-    import jax
-
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
@@ -86,8 +88,6 @@ def params_sha256(params: Any) -> str:
 
 def fingerprint(config, featurizer, dataset) -> dict:
     """Everything the cached training features and labels depend on, JSON-normalised."""
-    from stego_jax import knn as knn_lib
-
     data = {k: v for k, v in config.data.to_dict().items() if k not in _DATA_FIELDS_IGNORED}
     if data.get("root"):
         data["root"] = os.path.abspath(data["root"])
@@ -145,7 +145,7 @@ def write_shard(directory: str, s: int, feats: np.ndarray, labels: np.ndarray, d
     returns its manifest entry."""
     if dtype == "bfloat16":
         # numpy has no bfloat16 in .npy headers: store the bits, view them back on read.
-        stored = np.asarray(feats, np.float32).astype(_bfloat16()).view(np.uint16)
+        stored = np.asarray(feats, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     else:
         stored = np.asarray(feats, np.float32)
     ldt = _label_dtype(n_classes)
@@ -170,10 +170,6 @@ def build(directory: str, fp: dict, dataset, featurize: Callable[[np.ndarray], n
     Called by every process with its index: process p writes the shards s with s % P == p, then
     all meet at `barrier`, then process 0 writes the manifest. `shard_rows=0` picks ~256 MB shards.
     """
-    import jax.numpy as jnp
-
-    from stego_jax import knn as knn_lib
-
     dtype = fp["dtype"]
     n = len(dataset)
     os.makedirs(directory, exist_ok=True)
@@ -276,7 +272,7 @@ class FeatureCache:
                 self._verified.add(key)
             arr = np.load(path, mmap_mode="r")  # pages come in on demand: host memory stays bounded
             if part == "feats" and self.dtype == "bfloat16":
-                arr = arr.view(_bfloat16())
+                arr = arr.view(ml_dtypes.bfloat16)
             self._open[key] = arr
         return self._open[key]
 
@@ -316,10 +312,6 @@ def open_or_build(directory: str, config, featurizer, dataset,
                   ) -> FeatureCache:
     """Open the cache in `directory`, building it first when it has no manifest. Every process
     calls it; they take the same branch (process 0's view of the directory decides)."""
-    import jax
-
-    from stego_jax import parallel
-
     fp = fingerprint(config, featurizer, dataset)
     exists = os.path.exists(os.path.join(directory, MANIFEST))
     exists = bool(np.asarray(parallel.broadcast_from_main(np.int32(exists))))
@@ -336,15 +328,6 @@ def open_or_build(directory: str, config, featurizer, dataset,
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from absl import flags
-
-    import jax
-
-    from stego_jax import parallel
-    from stego_jax.config import validate
-    from stego_jax.data import build_dataset
-    from stego_jax.train import build_train_featurizer, local_featurize_fn
-
     config = flags.FLAGS.config
     parallel.enable_compilation_cache()
     parallel.initialize_distributed(config)  # before any JAX computation
@@ -354,7 +337,7 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError("config.feature_cache.dir is empty: pass --config.feature_cache.dir=DIR "
                          "(and --config.feature_cache.enabled=True)")
     train_ds = build_dataset(config, "train")
-    featurizer = build_train_featurizer(config, flags.FLAGS.workdir, train_ds)
+    featurizer = run_featurizer(config, flags.FLAGS.workdir, fit=True, train_ds=train_ds)
     t0 = time.time()
     cache = open_or_build(directory, config, featurizer, train_ds, local_featurize_fn(featurizer))
     cache.verify()
@@ -364,7 +347,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)

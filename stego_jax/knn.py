@@ -14,12 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stego_jax import parallel
+from stego_jax import data, featurizers, parallel
+from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale.
 META_KEYS = ("dataset", "split", "crop", "backbone", "patch_size", "res", "n", "ids_fingerprint")
 
@@ -125,6 +125,29 @@ def knn_filename(
     `nns_{model}_{dataset}_{split}_{crop}_{res}.npz` has no patch size, so ViT-S/8 and ViT-S/16
     tables collide; ours adds it."""
     return f"nns_{backbone}_p{patch_size}_{dataset}_{split}_{crop}_{res}.npz"
+
+
+def table_meta(config: Any, featurizer: Any, split: str, ids: Sequence[Any]) -> dict[str, Any]:
+    """The metadata (`META_KEYS`) a table of `split` is written with and checked against on load."""
+    return {
+        "dataset": config.data.name,
+        "split": split,
+        "crop": config.data.get("crop_type", None),
+        "backbone": featurizer.name,
+        "patch_size": int(featurizer.patch_size),
+        "res": int(config.data.res),
+        "n": len(ids),
+        "ids_fingerprint": ids_fingerprint(ids),
+    }
+
+
+def table_path(config: Any, featurizer: Any, split: str) -> str:
+    """Where the table of `split` lives: `config.knn.dir` (default `<config.data.root>/nns`) /
+    `knn_filename(...)`."""
+    out_dir = config.knn.get("dir", "") or os.path.join(config.data.get("root", ""), "nns")
+    name = knn_filename(featurizer.name, int(featurizer.patch_size), config.data.name, split,
+                        config.data.get("crop_type", None), int(config.data.res))
+    return os.path.join(out_dir, name)
 
 
 def save_knn(path: str, table: Any, meta: Mapping[str, Any]) -> None:
@@ -253,7 +276,7 @@ def run(
     `config.knn.{splits=("train", "val"), dropout, seed}`, `config.data.{name, crop_type, res}`,
     `config.model.{featurizer, dropout}`, `config.batch_size`. Existing files are overwritten
     (the official script skips them, which hides stale tables). The builders default to
-    `stego_jax.models.featurizers.build_featurizer` (-> object with `name`, `apply`, `params`,
+    `stego_jax.featurizers.build_featurizer` (-> object with `name`, `apply`, `params`,
     `patch_size`) and `stego_jax.data.build_dataset`.
     """
     if config.model.get("featurizer", "dino") == "descriptor":
@@ -262,18 +285,11 @@ def run(
             "config.model.featurizer='descriptor': its k-NN table is computed in-process by "
             "python -m stego_jax.train; this command is for DINO backbones"
         )
-    if build_featurizer is None:  # lazy: keeps this module usable without the backbone stack
-        from stego_jax.models.featurizers import build_featurizer
-    if build_dataset is None:
-        from stego_jax.data import build_dataset
-    from absl import logging
+    build_featurizer = build_featurizer or featurizers.build_featurizer
+    build_dataset = build_dataset or data.build_dataset
 
     knn_cfg = config.knn
     featurizer = build_featurizer(config)
-    dataset_name = config.data.name
-    crop = config.data.get("crop_type", None)
-    res = int(config.data.res)
-    out_dir = knn_cfg.get("dir", "") or os.path.join(config.data.get("root", ""), "nns")
     # The official extraction runs through the head's Dropout2d(0.1) (when cfg.dropout) left in
     # training mode; reproduced by default to be faithful.
     default_rate = 0.1 if config.model.get("dropout", True) else 0.0
@@ -291,18 +307,8 @@ def run(
             dropout_key=split_key if dropout > 0 else None,
             dropout_rate=dropout,
         )
-        meta = {
-            "dataset": dataset_name,
-            "split": split,
-            "crop": crop,
-            "backbone": featurizer.name,
-            "patch_size": int(featurizer.patch_size),
-            "res": res,
-            "n": len(ids),
-            "ids_fingerprint": ids_fingerprint(ids),
-        }
-        name = knn_filename(featurizer.name, meta["patch_size"], dataset_name, split, crop, res)
-        path = os.path.join(out_dir, name)
+        meta = table_meta(config, featurizer, split, ids)
+        path = table_path(config, featurizer, split)
         table = knn_table(desc, k=int(knn_cfg.k))
         save_knn(path, table, meta)
         logging.info("wrote %s (%d x %d, patch grid %s)", path, *table.shape, grid)

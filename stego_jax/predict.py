@@ -18,8 +18,15 @@ from collections import defaultdict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-from stego_jax import parallel
+from stego_jax import crf as crf_lib
+from stego_jax import parallel, viz
+from stego_jax.checkpoints import load_run_config, restore_params
+from stego_jax.data.sources import read_rgb
+from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, run_featurizer
+from stego_jax.model import build_modules, probe_outputs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -31,18 +38,6 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in files]
 
 
-def load_rgb(path: str) -> np.ndarray:
-    """Any PIL-readable image as uint8 RGB [H,W,3]; raises ValueError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
 def working_size(h: int, w: int, res: int, patch: int) -> tuple[int, int]:
     """Short side -> res, aspect kept, both sides floored to a multiple of the patch size."""
     s = res / min(h, w)
@@ -50,8 +45,6 @@ def working_size(h: int, w: int, res: int, patch: int) -> tuple[int, int]:
 
 
 def resize(img: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    from PIL import Image
-
     mode = Image.NEAREST if nearest else Image.BILINEAR
     if img.ndim == 2:
         return np.asarray(Image.fromarray(img.astype(np.int32)).resize((hw[1], hw[0]), mode))
@@ -61,9 +54,7 @@ def resize(img: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.nd
 def legend_names(workdir: str, config, use_linear: bool) -> tuple[list[str], np.ndarray | None]:
     """Names per output id, and (for the cluster probe) a cluster -> class map from a previous
     evaluation's Hungarian assignment, if the run has one."""
-    from stego_jax.evaluate import class_names
-
-    names = class_names(config)
+    names = viz.class_names(config)
     if use_linear:
         return names, None
     path = os.path.join(workdir, "results.json")
@@ -78,98 +69,70 @@ def legend_names(workdir: str, config, use_linear: bool) -> tuple[list[str], np.
     return [f"cluster {i}" for i in range(n_clusters)], None
 
 
-def overlay(img: np.ndarray, labels: np.ndarray, names: list[str], alpha: float = 0.5) -> np.ndarray:
-    """Image blended with the label colours, and a legend of the classes present."""
-    from PIL import Image, ImageDraw
+def _load_images(files: list[str], res: int, patch: int, failed: dict) -> dict[tuple, list]:
+    """Readable images grouped by working size; unreadable ones reported by name into `failed`."""
+    loaded: dict[tuple, list] = defaultdict(list)
+    for path in files:
+        try:
+            img = read_rgb(path)
+        except ValueError as e:
+            failed[path] = str(e)
+            print(f"skipping {path}: {e}", file=sys.stderr, flush=True)
+            continue
+        loaded[working_size(img.shape[0], img.shape[1], res, patch)].append((path, img))
+    return loaded
 
-    from stego_jax.evaluate import colorize
 
-    colour = colorize(labels)
-    blend = (img.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
-    present = [int(c) for c in np.unique(labels) if c >= 0]
-    row_h = 14
-    legend = Image.new("RGB", (blend.shape[1], row_h * max(1, len(present)) + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(legend)
-    for i, c in enumerate(present):
-        y = 2 + i * row_h
-        draw.rectangle([4, y, 14, y + 10], fill=tuple(int(v) for v in colorize(np.array([[c]]))[0, 0]))
-        draw.text((20, y - 1), names[c] if c < len(names) else str(c), fill=(0, 0, 0))
-    return np.concatenate([blend, np.asarray(legend)], axis=0)
+def _write(path: str, img: np.ndarray, pred: np.ndarray, lut, names: list[str], out_dir: str) -> None:
+    """Label map at working size -> palette PNG and overlay at the image's own size."""
+    p = pred.astype(np.int64)
+    if lut is not None:
+        p = lut[p]
+    full = resize(p.astype(np.int32), img.shape[:2], nearest=True).astype(np.int64)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    viz.save_label_png(full, os.path.join(out_dir, "labels", stem + ".png"))
+    Image.fromarray(viz.overlay(img, full, names)).save(os.path.join(out_dir, "overlays", stem + ".png"))
 
 
 def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | None = None,
                    use_linear: bool = False, batch_size: int = 8, quiet: bool = False) -> dict:
     """Segment every image in `images_dir`; returns {"written": [...], "failed": {path: error}}."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from stego_jax import ops
-    from stego_jax.evaluate import PALETTE, build_featurizer_for_run, make_code_fn
-    from stego_jax.train import build_modules, load_run_config, make_featurize, restore_params
-
     config = load_run_config(workdir)
     crf = bool(config.eval.crf) if crf is None else crf
-    featurizer = build_featurizer_for_run(config, workdir)
+    featurizer = run_featurizer(config, workdir)
     modules = build_modules(config)
     # One device: images of different sizes come in small groups, not worth a mesh.
     mesh = parallel.make_mesh(jax.devices()[:1])
     params = jax.device_put(restore_params(workdir, config, featurizer.dim), jax.devices()[0])
-    code_fn = make_code_fn(config, modules, make_featurize(featurizer, mesh), flip=config.eval.flip)
-    _, cluster, linear = modules
+    code_fn = make_code_fn(modules, make_featurize(featurizer, mesh), flip=config.eval.flip)
     names, lut = legend_names(workdir, config, use_linear)
+    which = "linear" if use_linear else "cluster"
 
     @jax.jit
     def logits_fn(params, c, hw_like):
-        c = ops.upsample_bilinear(c, hw_like.shape[1:3])
-        if use_linear:
-            return linear.apply({"params": params["linear_probe"]}, c)
-        return 2.0 * cluster.apply({"params": params["cluster_probe"]}, c)
+        return probe_outputs(modules, params, c, hw_like.shape[1:3])[which]
 
     os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-    files = list_images(images_dir)
     failed: dict[str, str] = {}
-    loaded: dict[tuple, list] = defaultdict(list)
-    for path in files:
-        try:
-            img = load_rgb(path)
-        except ValueError as e:
-            failed[path] = str(e)
-            print(f"skipping {path}: {e}", file=sys.stderr, flush=True)
-            continue
-        hw = working_size(img.shape[0], img.shape[1], config.eval.res, featurizer.patch_size)
-        loaded[hw].append((path, img))
-
+    loaded = _load_images(list_images(images_dir), config.eval.res, featurizer.patch_size, failed)
     written = []
     bar = tqdm(total=sum(len(v) for v in loaded.values()), disable=quiet, desc="predict")
     for hw, items in loaded.items():  # one compiled shape per working size
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             small = np.stack([resize(img, hw) for _, img in chunk])
-            pad = batch_size - len(chunk) if len(items) > batch_size else 0
-            if pad:
-                small = np.concatenate([small, np.repeat(small[-1:], pad, 0)])
+            if len(items) > batch_size:  # several batches of this size: one padded shape
+                small = pad_rows(small, batch_size)
             c = code_fn(featurizer.params, params["head"], jnp.asarray(small))
             lg = np.asarray(logits_fn(params, c, jnp.zeros(small.shape[:3])))[:len(chunk)]
             if crf:
-                from stego_jax import crf as crf_lib
-
                 pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
                                                      processes=config.eval.get("crf_processes", 0)))
             else:
                 pred = lg.argmax(-1)
             for (path, img), p in zip(chunk, pred):
-                p = p.astype(np.int64)
-                if lut is not None:
-                    p = lut[p]
-                full = resize(p.astype(np.int32), img.shape[:2], nearest=True).astype(np.int64)
-                stem = os.path.splitext(os.path.basename(path))[0]
-                lab = Image.fromarray(np.where(full < 0, 255, full).astype(np.uint8), mode="P")
-                pal = np.zeros((256, 3), np.uint8)
-                pal[:len(PALETTE)] = PALETTE
-                lab.putpalette(pal.reshape(-1).tolist())
-                lab.save(os.path.join(out_dir, "labels", stem + ".png"))
-                Image.fromarray(overlay(img, full, names)).save(os.path.join(out_dir, "overlays", stem + ".png"))
+                _write(path, img, p, lut, names, out_dir)
                 written.append(path)
                 bar.update(1)
     bar.close()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stego_jax import evaluate, metrics, predict, train
+from stego_jax import checkpoints, evaluate, featurize, metrics, model, predict, train
 from tests.test_train import tiny_config
 
 
@@ -49,9 +49,9 @@ def reference_cluster_cos(d, cfg):
     from stego_jax.data import build_dataset
     from stego_jax.data.transforms import normalize
 
-    featurizer = evaluate.build_featurizer_for_run(cfg, d)
-    params = train.restore_params(d, cfg, featurizer.dim)
-    head, cluster, _ = train.build_modules(cfg)
+    featurizer = featurize.run_featurizer(cfg, d)
+    params = checkpoints.restore_params(d, cfg, featurizer.dim)
+    head, cluster, _ = model.build_modules(cfg)
     ds = build_dataset(evaluate.eval_config(cfg), "val")
     imgs = np.stack([ds[i]["image"] for i in range(len(ds))])
     labs = np.stack([ds[i]["label"] for i in range(len(ds))])

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from stego_jax import parallel, train
+from stego_jax import checkpoints, model, parallel, train
 
 from .test_train import ROOT, leaves, tiny_config
 
@@ -72,11 +72,11 @@ def train_losses(workdir):
 
 def restore(workdir, step):
     """Params of checkpoint `step`, restored in this process (8 devices) whatever wrote them."""
-    ckpts = train.Checkpoints(workdir, 2)
+    ckpts = checkpoints.Checkpoints(workdir, 2)
     rep = parallel.replicated(parallel.make_mesh())
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-        jax.eval_shape(lambda: train.create_state(tiny_config(), 46, jax.random.key(0))))
+        jax.eval_shape(lambda: model.create_state(tiny_config(), 46, jax.random.key(0))))
     try:
         return ckpts.restore(step, abstract)["params"]
     finally:
@@ -106,7 +106,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     losses = train_losses(mh_dir)
     assert sorted(losses) == [3, 6]
     np.testing.assert_allclose(losses[6], ref_losses[6], rtol=2e-5)
-    final = train.restore_params(mh_dir, tiny_config(), 46, which="last")  # as evaluate.py does
+    final = checkpoints.restore_params(mh_dir, tiny_config(), 46, which="last")  # as evaluate.py does
     for a, b in zip(leaves(ref["params"]), leaves(final)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     # the best-checkpoint manager (cluster mIoU) was written by the processes together too

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from stego_jax import train
+from stego_jax import checkpoints, feature_sources, model, steps, train
 from stego_jax.config import load_config_file, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,14 +78,14 @@ def test_sharded_equals_single_device(reference_run, tmp_path):
     for a, b in zip(leaves(ref["params"]), leaves(one["params"])):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     # and training moved the parameters at all (the comparison above is not vacuous)
-    init = train.init_params(tiny_config(), 46, jax.random.split(jax.random.key(0))[0])
+    init = model.init_params(tiny_config(), 46, jax.random.split(jax.random.key(0))[0])
     moved = [np.abs(a - b).max() for a, b in zip(leaves(init["head"]), leaves(ref["params"]["head"]))]
     assert max(moved) > 1e-3
 
 
 def test_kill_and_resume_is_exact(reference_run, tmp_path, monkeypatch):
     _, ref = reference_run
-    real_batch = train.CachedFeatures.batch
+    real_batch = feature_sources.CachedFeatures.batch
     calls = {"n": 0}
 
     def dying_batch(self, step):
@@ -94,7 +94,7 @@ def test_kill_and_resume_is_exact(reference_run, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_batch(self, step)
 
-    monkeypatch.setattr(train.CachedFeatures, "batch", dying_batch)
+    monkeypatch.setattr(feature_sources.CachedFeatures, "batch", dying_batch)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
@@ -105,7 +105,7 @@ def test_kill_and_resume_is_exact(reference_run, tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batch = train.CachedFeatures.batch
+    real_batch = feature_sources.CachedFeatures.batch
 
     def poisoned(self, step):
         b = real_batch(self, step)
@@ -113,23 +113,23 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
             b["feats"] = b["feats"] * np.nan
         return b
 
-    monkeypatch.setattr(train.CachedFeatures, "batch", poisoned)
+    monkeypatch.setattr(feature_sources.CachedFeatures, "batch", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*step 3.*intact"):
         train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
-    params = train.restore_params(str(tmp_path), tiny_config(), 46, which="last")
+    params = checkpoints.restore_params(str(tmp_path), tiny_config(), 46, which="last")
     assert all(np.isfinite(x).all() for x in leaves(params))
 
 
 def test_train_step_traced_once(tmp_path, monkeypatch):
     traces = {"n": 0}
-    real = train.train_step
+    real = steps.train_step
 
     def counting(*args, **kwargs):
         traces["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", counting)
+    monkeypatch.setattr(steps, "train_step", counting)
     train.train_and_evaluate(tiny_config(num_steps=5, checkpoint_every=5, eval_every=5), str(tmp_path))
     assert traces["n"] == 1
 

@@ -2,7 +2,7 @@
 
 Per batch of `--batch` images at `--res` (paper: 320), with random weights (same FLOPs):
   codes   flip-TTA codes: backbone + head on the image and on its mirror, averaged
-          (`stego_jax.evaluate.make_code_fn`, flip=True)
+          (`stego_jax.featurize.make_code_fn`, flip=True)
   heads   codes upsampled bilinearly to res x res, cluster (2 cos) and linear logits
           (`stego_jax.evaluate.make_heads_fn`)
   crf     `stego_jax.crf.crf_labels` on the cluster and the linear logits, as `evaluate`
@@ -49,8 +49,9 @@ def bench_model(model: str, dtype: str, batch: int, res: int, iters: int, warmup
     from bench_train import make_config, random_featurizer
 
     from stego_jax import parallel
-    from stego_jax.evaluate import make_code_fn, make_heads_fn
-    from stego_jax.train import build_modules, create_state, make_featurize
+    from stego_jax.evaluate import make_heads_fn
+    from stego_jax.featurize import make_code_fn, make_featurize
+    from stego_jax.model import build_modules, create_state
 
     config = make_config(model, dtype, batch, res)
     config.eval.res = res
@@ -60,7 +61,7 @@ def bench_model(model: str, dtype: str, batch: int, res: int, iters: int, warmup
     modules = build_modules(config)
     params = create_state(config, featurizer.dim, jax.random.key(0))["params"]
     fparams = jax.device_put(featurizer.params, rep)
-    code_fn = make_code_fn(config, modules, make_featurize(featurizer, mesh), flip=True)
+    code_fn = make_code_fn(modules, make_featurize(featurizer, mesh), flip=True)
     heads = make_heads_fn(modules)
     rng = np.random.default_rng(0)
     images_np = (synthetic_images(rng, batch, res) if images is None

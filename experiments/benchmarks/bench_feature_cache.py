@@ -114,7 +114,7 @@ def main() -> None:
     load_start = os.getloadavg()
     import jax
 
-    from stego_jax import feature_cache, knn, train
+    from stego_jax import feature_cache, featurize, knn, train
     from stego_jax.data import build_dataset
 
     scratch = args.workdir or tempfile.mkdtemp(prefix="bench_feature_cache_")
@@ -135,10 +135,10 @@ def main() -> None:
         cached.feature_cache.dir = os.path.join(scratch, "cache")
         cached.feature_cache.dtype = args.cache_dtype
         train_ds = build_dataset(cached, "train")
-        featurizer = train.build_train_featurizer(cached, None, train_ds)
+        featurizer = featurize.run_featurizer(cached, None, fit=True, train_ds=train_ds)
         t0 = time.perf_counter()
         feature_cache.open_or_build(cached.feature_cache.dir, cached, featurizer, train_ds,
-                                    train.local_featurize_fn(featurizer, batch=args.batch), log=lambda m: None)
+                                    featurize.local_featurize_fn(featurizer, batch=args.batch), log=lambda m: None)
         build_s = time.perf_counter() - t0
         cache_mb = du_mb(cached.feature_cache.dir)
         cached_dir = os.path.join(scratch, "run_cache")

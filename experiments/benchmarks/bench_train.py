@@ -4,8 +4,8 @@ Two modes, on a mesh of all devices of the default backend, with random weights 
 DINO's; no download):
 
   full  what streamed training does each step: the frozen backbone on img and on img_pos
-        (2 x batch images, `stego_jax.train.make_featurize`), then the jitted head + loss +
-        probes + Adam update (`stego_jax.train.make_train_step`). Inputs are uint8 images
+        (2 x batch images, `stego_jax.featurize.make_featurize`), then the jitted head + loss +
+        probes + Adam update (`stego_jax.steps.make_train_step`). Inputs are uint8 images
         already on the device: the input pipeline (JPEG decode, crops) is not included.
   head  the same update from cached features (what `feature_cache.enabled` gives): the step
         alone on float32 features [B, res/p, res/p, C]. The backbone dtype does not matter.
@@ -57,7 +57,8 @@ def random_featurizer(config, seed: int = 0):
     import jax.numpy as jnp
     from bench_backbone import _random_params
 
-    from stego_jax.models import featurizers, vit
+    from stego_jax import featurizers
+    from stego_jax.models import vit
 
     cfg = vit.vit_config(config.model.backbone)
     params = _random_params(vit.VisionTransformer(cfg, dtype=jnp.float32), seed)
@@ -71,8 +72,9 @@ def bench_one(model: str, dtype: str, mode: str, batch: int, res: int, iters: in
     import numpy as np
 
     from stego_jax import parallel
-    from stego_jax.train import build_modules, create_state, make_featurize, make_optimizer, \
-        make_train_step
+    from stego_jax.featurize import make_featurize
+    from stego_jax.model import build_modules, create_state, make_optimizer
+    from stego_jax.steps import make_train_step
 
     config = make_config(model, dtype, batch, res)
     mesh = parallel.make_mesh()

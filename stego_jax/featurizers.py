@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from stego_jax.models.vit import VisionTransformer, patch_tokens_to_map
+from stego_jax.weights import load_dino
+from stego_jax.weights.registry import REGISTRY
 
 Array = jax.Array
 
@@ -49,11 +52,6 @@ def _dtype(name: str):
 
 def build_dino(config) -> Featurizer:
     """DINO ViT from a registry name or a checkpoint path (`config.model.backbone`)."""
-    from stego_jax.models.vit import VisionTransformer, patch_tokens_to_map
-    from stego_jax.weights import load_dino
-
-    from stego_jax.weights.registry import REGISTRY
-
     backbone = str(config.model.backbone)
     vit_config, params = load_dino(backbone, num_heads=int(config.model.get("num_heads", 0)) or None)
     # A short name for file names (k-NN tables, caches): the registry name or the file's stem.
@@ -86,7 +84,8 @@ def patch_descriptor(images: Array, patch_size: int) -> Array:
 
     images [B,H,W,3] float32 (ImageNet-normalized; un-normalized here to [0,1] RGB)
     -> [B, H//p, W//p, 6 + p*(p//2+1)] float32 (46 channels for p=8).
-    Not learned and needs no weights: see shared DEMO_NOTES (random ViTs give no structure).
+    Not learned and needs no weights: a ViT with random weights gives features without the
+    semantic structure STEGO distils, so the offline demo uses this instead (docs/demo.md).
     """
     p = patch_size
     rgb = images * jnp.asarray(IMAGENET_STD, images.dtype) + jnp.asarray(IMAGENET_MEAN, images.dtype)
