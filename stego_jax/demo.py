@@ -7,18 +7,18 @@ configs/demo.py and docs/demo.md for why.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from stego_jax import kmeans as kmeans_lib
+from stego_jax import cli, kmeans as kmeans_lib
 from stego_jax import metrics, ops, parallel
-from stego_jax.config import load_config_file
 from stego_jax.data import build_dataset
 from stego_jax.data.transforms import normalize
 from stego_jax.evaluate import evaluate
@@ -117,17 +117,25 @@ def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
     return {"baselines": base, "seeds": per_seed, "wall_s": elapsed}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
-    p.add_argument("--config-arg", default="", help="argument to get_config (e.g. 'tiny')")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: config.demo_seeds)")
-    args = p.parse_args(argv)
-    config = load_config_file(args.config, args.config_arg)
+def _define(fv, argv) -> None:
+    cli.define_config(fv, argv, default=cli.packaged_config("demo.py"), required=False,
+                      help_string="demo config (default: the demo config shipped with stego_jax; "
+                                  "`demo.py:tiny` for a shorter run)")
+    flags.DEFINE_string("workdir", "runs/demo", "output folder (one run per seed, results.md)", flag_values=fv)
+    flags.DEFINE_integer("seeds", None, "number of seeds (default: config.demo_seeds)", lower_bound=1,
+                         flag_values=fv)
+
+
+def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
-    run(config, args.workdir, args.seeds or config.get("demo_seeds", 1))
+    run(fv.config, fv.workdir, fv.seeds or fv.config.get("demo_seeds", 1))
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m stego_jax.demo [--workdir runs/demo] [--seeds N] [--config C]`; returns the exit status."""
+    return cli.run("stego_jax.demo", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,17 +12,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
 from stego_jax import crf as crf_lib
 from stego_jax import kmeans as kmeans_lib
-from stego_jax import metrics, parallel, viz
-from stego_jax.checkpoints import restore_params
+from stego_jax import cli, metrics, parallel, viz
+from stego_jax.checkpoints import load_run_config, restore_params
 from stego_jax.config import eval_config
 from stego_jax.data import build_dataset
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, round_up, run_featurizer
@@ -168,19 +170,23 @@ def write_results(config, results: dict, conf: dict, overlays: list, out_dir: st
     viz.save_overlays(overlays, results, out_dir)
 
 
-def main(argv):
-    del argv
-    from absl import flags
+def _define(fv, argv) -> None:
+    cli.define_config(fv, argv, required=False,
+                      help_string="config file (path.py or path.py:arg); default: the run's own config.json")
+    flags.DEFINE_string("workdir", None, "workdir of the training run", flag_values=fv, required=True)
 
+
+def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
-    evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = fv.config if fv.config is not None else load_run_config(fv.workdir)
+    evaluate(config, fv.workdir)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m stego_jax.evaluate --workdir W [--config C]`; returns the exit status."""
+    return cli.run("stego_jax.evaluate", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "workdir of the training run")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,7 +42,7 @@ import numpy as np
 from absl import flags
 
 from stego_jax import knn as knn_lib
-from stego_jax import parallel
+from stego_jax import cli, parallel
 from stego_jax.config import validate
 from stego_jax.data import build_dataset
 from stego_jax.featurize import local_featurize_fn, run_featurizer
@@ -326,9 +327,14 @@ def open_or_build(directory: str, config, featurizer, dataset,
     return FeatureCache(directory, expect=fp)
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    config = flags.FLAGS.config
+def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    cli.define_config(fv, argv)
+    flags.DEFINE_string("workdir", None, "training workdir whose featurizer.npz to use ('descriptor' "
+                        "featurizer only; default: fit it, as training does in a new workdir)", flag_values=fv)
+
+
+def _main(fv: flags.FlagValues, _) -> int:
+    config = fv.config
     parallel.enable_compilation_cache()
     parallel.initialize_distributed(config)  # before any JAX computation
     validate(config)
@@ -337,21 +343,20 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError("config.feature_cache.dir is empty: pass --config.feature_cache.dir=DIR "
                          "(and --config.feature_cache.enabled=True)")
     train_ds = build_dataset(config, "train")
-    featurizer = run_featurizer(config, flags.FLAGS.workdir, fit=True, train_ds=train_ds)
+    featurizer = run_featurizer(config, fv.workdir, fit=True, train_ds=train_ds)
     t0 = time.time()
     cache = open_or_build(directory, config, featurizer, train_ds, local_featurize_fn(featurizer))
     cache.verify()
     if jax.process_index() == 0:
         print(f"feature cache {directory}: {cache.n} items, features {cache.feature_shape} {cache.dtype}, "
               f"{len(cache.manifest['shards'])} shards, verified [{time.time() - t0:.0f}s]", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m stego_jax.feature_cache --config C --config.feature_cache.dir=DIR`; returns the exit status."""
+    return cli.run("stego_jax.feature_cache", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "training workdir whose featurizer.npz to use ('descriptor' "
-                        "featurizer only; default: fit it, as training does in a new workdir)")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    sys.exit(main())

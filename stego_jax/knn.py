@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import warnings
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -14,10 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stego_jax import data, featurizers, parallel
+from stego_jax import cli, data, featurizers, parallel
 from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale.
@@ -316,17 +317,21 @@ def run(
     return paths
 
 
-def main(argv: Sequence[str]) -> None:
-    """absl entry point: `python -m stego_jax.knn --config configs/<name>.py`."""
-    del argv
+def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    cli.define_config(fv, argv)
+
+
+def _main(fv: flags.FlagValues, _) -> int:
     parallel.enable_compilation_cache()
-    run(_CONFIG.value)
+    for path in run(fv.config):
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m stego_jax.knn --config configs/<name>.py`; returns the exit status."""
+    return cli.run("stego_jax.knn", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    sys.exit(main())

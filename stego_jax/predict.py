@@ -9,7 +9,6 @@ original size (nearest). Writes palette PNGs (`labels/`) and overlays with a leg
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,11 +17,12 @@ from collections import defaultdict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
 from stego_jax import crf as crf_lib
-from stego_jax import parallel, viz
+from stego_jax import cli, parallel, viz
 from stego_jax.checkpoints import load_run_config, restore_params
 from stego_jax.data.sources import read_rgb
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, run_featurizer
@@ -144,20 +144,30 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
     return summary
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Segment a folder of images with a trained STEGO run.")
-    p.add_argument("--workdir", required=True, help="workdir of the training run")
-    p.add_argument("--images", required=True, help="folder of images (jpg/png/webp/tiff/...)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--crf", dest="crf", action="store_true", default=None, help="apply the dense CRF")
-    p.add_argument("--no-crf", dest="crf", action="store_false")
-    p.add_argument("--linear", action="store_true", help="use the (supervised) linear probe")
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args(argv)
+def _define(fv, argv) -> None:
+    flags.DEFINE_string("workdir", None, "workdir of the training run (its config and best checkpoint "
+                        "are used)", flag_values=fv, required=True)
+    flags.DEFINE_string("images", None, "folder of images (jpg/png/webp/tiff/bmp/gif)", flag_values=fv,
+                        required=True)
+    flags.DEFINE_string("out", None, "output folder (labels/, overlays/, summary.json)", flag_values=fv,
+                        required=True)
+    flags.DEFINE_bool("crf", None, "apply the dense CRF (default: the run's eval.crf); --nocrf to skip it",
+                      flag_values=fv)
+    flags.DEFINE_bool("linear", False, "use the (supervised) linear probe instead of the cluster probe",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch-size", 8, "images per forward pass", lower_bound=1, flag_values=fv)
+
+
+def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
-    summary = predict_folder(args.workdir, args.images, args.out, crf=args.crf,
-                             use_linear=args.linear, batch_size=args.batch_size)
+    summary = predict_folder(fv.workdir, fv.images, fv.out, crf=fv.crf, use_linear=fv.linear,
+                             batch_size=fv["batch-size"].value)
     return 0 if summary["written"] or not summary["failed"] else 1
+
+
+def main(argv=None) -> int:
+    """`python -m stego_jax.predict --workdir W --images DIR --out DIR`; returns the exit status."""
+    return cli.run("stego_jax.predict", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":

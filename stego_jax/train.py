@@ -8,11 +8,14 @@ optimizer, in its own jitted call or once into a cache); orbax checkpoints with 
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
-from stego_jax import parallel, viz
+from stego_jax import cli, parallel, viz
 from stego_jax.checkpoints import Checkpoints, prepare_workdir, save_config
 from stego_jax.config import validate
 from stego_jax.feature_sources import build_training_data
@@ -101,21 +104,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     return {"step": int(done), **last_eval, "params": state["params"]}
 
 
-def main(argv):
-    del argv
-    from absl import flags
+def _define(fv, argv) -> None:
+    cli.define_config(fv, argv)
+    flags.DEFINE_string("workdir", None, "directory of the run: checkpoints, logs, results. An existing "
+                        "run resumes from its last checkpoint", flag_values=fv, required=True)
 
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
+
+def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(fv.config, fv.workdir)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m stego_jax.train --config C --workdir W [--config.x=y ...]`; returns the exit status."""
+    return cli.run("stego_jax.train", __doc__, _define, _main, argv)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and results")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

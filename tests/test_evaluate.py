@@ -82,7 +82,7 @@ def test_predict_folder_with_corrupt_file_and_odd_sizes(run, tmp_path, capsys):
     Image.fromarray(rng.integers(0, 255, (33, 33, 4), np.uint8), mode="RGBA").save(images / "c_rgba.png")
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     out = tmp_path / "out"
-    code = predict.main(["--workdir", d, "--images", str(images), "--out", str(out), "--no-crf"])
+    code = predict.main(["--workdir", d, "--images", str(images), "--out", str(out), "--nocrf"])
     assert code == 0
     err = capsys.readouterr().err
     assert "broken.jpg" in err
