@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on Cityscapes-27: prepare (five-crops) -> k-NN table -> train -> evaluate,
-# then print our results beside the paper's (STEGO_FACTS 6.1).
+# then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_cityscapes27.sh [--dry-run] [--config.x=y ...]
 #
@@ -66,7 +66,7 @@ cat <<'EOF'
 | setting                                                        | Unsup. Acc | Unsup. mIoU | Linear Acc | Linear mIoU |
 |----------------------------------------------------------------|-----------:|------------:|-----------:|------------:|
 | ViT-B/8, paper / released ckpt (configs/cityscapes27_vitb8.py) |       73.2 |        21.0 |          – |           – |
-Source: STEGO_FACTS.md 6.1 (Papers-with-Code paper page); the linear-probe numbers were not retrievable.
+Source: the paper's Papers with Code page (docs/official_results.md); no public source found for the linear-probe numbers.
 Cityscapes-27 is labelIds 7..33 (27 classes), not the usual 19-class trainId protocol.
 EOF
 }

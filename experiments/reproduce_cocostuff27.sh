@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on COCO-Stuff-27: prepare (five-crops) -> k-NN table -> train -> evaluate,
-# then print our results beside the paper's (STEGO_FACTS 6.1).
+# then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_cocostuff27.sh [--dry-run] [--config.x=y ...]
 #
@@ -69,8 +69,8 @@ cat <<'EOF'
 | ViT-S/8, paper (configs/cocostuff27_vits8.py)          |     48.3 * |        24.5 |     74.4 * |      38.3 * |
 | ViT-S/8, paper, no CRF (as quoted in issue #63)        |          – |        24.0 |          – |        38.4 |
 | ViT-B/8, released ckpt (configs/cocostuff27_vitb8.py)  |      56.93 |       28.19 |      76.13 |       41.07 |
-* recalled from the paper, not re-verified. Sources: STEGO_FACTS.md 6.1 (GitHub mhamilton723/STEGO issues #3, #63;
-Papers-with-Code). Retrains reported in those issues land lower (ViT-S/8 cluster mIoU 23.67 with CRF, 18.13 without).
+* recalled from the paper, not verified against the paper. Sources (docs/official_results.md): GitHub
+mhamilton723/STEGO issues #3, #63; the paper's Papers with Code page. Retrains reported in those issues land lower (ViT-S/8 cluster mIoU 23.67 with CRF, 18.13 without).
 EOF
 }
 

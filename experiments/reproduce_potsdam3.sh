@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on Potsdam-3: prepare (no crops, as the released checkpoint) -> k-NN table ->
-# train -> evaluate, then print our results beside the paper's (STEGO_FACTS 6.1).
+# train -> evaluate, then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_potsdam3.sh [--dry-run] [--config.x=y ...]
 #
@@ -64,7 +64,7 @@ cat <<'EOF'
 |------------------------------------------------------------------|-----------:|------------:|-----------:|------------:|
 | paper                                                            |       77.0 |           – |          – |           – |
 | ViT-S/8, released potsdam_test.ckpt (configs/potsdam3_vits8.py)  |      77.03 |       62.57 |      85.85 |       74.83 |
-Sources: STEGO_FACTS.md 6.1 (Papers-with-Code paper page; GitHub mhamilton723/STEGO issue #39).
+Sources (docs/official_results.md): the paper's Papers with Code page; GitHub mhamilton723/STEGO issue #39.
 Retrains reported in issues #39/#62 land lower (64.23 / 47.73 cluster Acc / mIoU; about 61 % Acc).
 EOF
 }
