@@ -22,7 +22,7 @@ both label maps as `evaluate` runs it (backend jax: both over one lattice per im
 pydensecrf with a pool of `--crf-processes`); the
 totals are sums of the per-stage medians. Both sides exclude data loading, the first batch
 (warm-up, compile) and the metrics update (a confusion-matrix bincount). Images: scikit-image
-sample photos, centre-cropped and resized to res (bench_crf.py's `photo`): the CRF cost
+sample photos, centre-cropped and resized to res (`stego_jax.testing.sample_photo`): the CRF cost
 depends on the image, and noise images make the bilateral lattice abnormally large. Reported
 as images/s and the ratio ours/official; without --official the official row is skipped.
 
@@ -54,9 +54,9 @@ OFFICIAL = "official STEGO (PyTorch)"
 def photos(batch: int, res: int):
     """[batch, res, res, 3] uint8 RGB: PHOTOS in turn (driver only: needs scikit-image)."""
     import numpy as np
-    from bench_crf import photo
+    from stego_jax.testing import sample_photo
 
-    return np.stack([photo(PHOTOS[i % len(PHOTOS)], res, res) for i in range(batch)])
+    return np.stack([sample_photo(PHOTOS[i % len(PHOTOS)], res, res) for i in range(batch)])
 
 
 # ------------------------------------------------------------------------------------------
