@@ -16,18 +16,10 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/cityscapes}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/cityscapes27_five}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/cityscapes27_vitb8}")"
-CONFIG="${CONFIG:-configs/cityscapes27_vitb8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths cityscapes cityscapes27_five configs/cityscapes27_vitb8.py
 DATASET=cityscapes27
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cityscapes.zip"
 
 missing_raw() {
   local split f missing=()
@@ -71,5 +63,4 @@ Cityscapes-27 is labelIds 7..33 (27 classes), not the usual 19-class trainId pro
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"

@@ -16,18 +16,10 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/cocostuff}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/cocostuff27_five}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/cocostuff27_vits8}")"
-CONFIG="${CONFIG:-configs/cocostuff27_vits8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths cocostuff cocostuff27_five configs/cocostuff27_vits8.py
 DATASET=cocostuff27
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip"
 
 missing_raw() {
   local split f missing=()
@@ -74,5 +66,4 @@ mhamilton723/STEGO issues #3, #63; the paper's Papers with Code page. Retrains r
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"

@@ -16,18 +16,10 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/potsdam}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/potsdam3}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/potsdam3_vits8}")"
-CONFIG="${CONFIG:-configs/potsdam3_vits8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths potsdam potsdam3 configs/potsdam3_vits8.py
 DATASET=potsdam3
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip"
 
 missing_raw() {
   local f missing=()
@@ -69,5 +61,4 @@ Retrains reported in issues #39/#62 land lower (64.23 / 47.73 cluster Acc / mIoU
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"
