@@ -21,22 +21,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
 reproduce_paths cityscapes cityscapes27_five configs/cityscapes27_vitb8.py
 DATASET=cityscapes27
 
-missing_raw() {
-  local split f missing=()
-  for split in train val; do
-    for f in "leftImg8bit/$split" "gtFine/$split"; do
-      [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-    done
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="Cityscapes"
+RAW_DIRS=(leftImg8bit/train gtFine/train leftImg8bit/val gtFine/val)
+RAW_FILES=()
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-Cityscapes raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Either register at https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip
 (11 GB) and gtFine_trainvaltest.zip (241 MB) and unzip both into DATA_RAW:
   mkdir -p $DATA_RAW && cd $DATA_RAW

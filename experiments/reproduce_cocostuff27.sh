@@ -21,25 +21,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
 reproduce_paths cocostuff cocostuff27_five configs/cocostuff27_vits8.py
 DATASET=cocostuff27
 
-missing_raw() {
-  local split f missing=()
-  for split in train2017 val2017; do
-    for f in "images/$split" "annotations/$split"; do
-      [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-    done
-  done
-  for f in curated/train2017/Coco164kFull_Stuff_Coarse.txt curated/val2017/Coco164kFull_Stuff_Coarse_7.txt; do
-    [[ -f "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f")
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="COCO-Stuff-27"
+RAW_DIRS=(images/train2017 annotations/train2017 images/val2017 annotations/val2017)
+RAW_FILES=(curated/train2017/Coco164kFull_Stuff_Coarse.txt curated/val2017/Coco164kFull_Stuff_Coarse_7.txt)
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-COCO-Stuff-27 raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Download the official STEGO bundle (about 20 GB; if wget fails, azcopy works for this blob storage):
   mkdir -p $parent
   wget -c -P $parent $ZIP_URL

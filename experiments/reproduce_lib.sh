@@ -1,5 +1,5 @@
 # Shared by experiments/reproduce_*.sh. A script sources this file, calls `reproduce_paths`, defines
-# DATASET, missing_raw, raw_help, PREPARE_NOTE, PREPARE_ARGS and paper_table, then calls
+# DATASET, RAW_TITLE, RAW_DIRS, RAW_FILES, raw_help, PREPARE_NOTE, PREPARE_ARGS and paper_table, then calls
 # `reproduce_main "$@"`: argument parsing, prepare -> k-NN -> train -> evaluate, and the results
 # beside the paper's numbers.
 
@@ -20,6 +20,18 @@ reproduce_paths() {
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
   fi
   ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/$1.zip"
+}
+
+# The directories (RAW_DIRS) and files (RAW_FILES) of the raw layout missing under DATA_RAW, one a line.
+missing_raw() {
+  local f missing=()
+  for f in "${RAW_DIRS[@]+"${RAW_DIRS[@]}"}"; do
+    [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
+  done
+  for f in "${RAW_FILES[@]+"${RAW_FILES[@]}"}"; do
+    [[ -f "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f")
+  done
+  printf '%s\n' "${missing[@]+"${missing[@]}"}"
 }
 
 # Prints a command; runs it unless --dry-run.
@@ -51,8 +63,9 @@ reproduce_main() {
   else
     missing="$(missing_raw)"
     if [[ -n "$missing" ]]; then
-      parent="$(dirname "$DATA_RAW")"
-      msg="$(raw_help "$missing")"
+      msg="$RAW_TITLE raw data not found. Missing:
+$(sed 's/^/  /' <<<"$missing")
+$(raw_help)"
       if (( DRY_RUN )); then
         echo "note (dry run): $msg" | sed '2,$s/^/  /'
       else

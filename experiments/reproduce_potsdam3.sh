@@ -21,23 +21,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
 reproduce_paths potsdam potsdam3 configs/potsdam3_vits8.py
 DATASET=potsdam3
 
-missing_raw() {
-  local f missing=()
-  for f in imgs gt; do
-    [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-  done
-  for f in labelled_train.txt labelled_test.txt; do
-    [[ -f "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f")
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="Potsdam"
+RAW_DIRS=(imgs gt)
+RAW_FILES=(labelled_train.txt labelled_test.txt)
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-Potsdam raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Download the official STEGO bundle (IIC's Potsdam tiles as .mat; if wget fails, azcopy works for this blob storage):
   mkdir -p $parent
   wget -c -P $parent $ZIP_URL
