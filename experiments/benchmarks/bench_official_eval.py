@@ -45,7 +45,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (stdlib only: also imported by the torch worker)
 from bench_official_stego import (add_official_args, build_official, import_official,  # noqa: E402
-                                  run_official, skip_reason, torch_device_info)
+                                  side_by_side, torch_device_info)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 OFFICIAL = "official STEGO (PyTorch)"
@@ -253,28 +253,19 @@ def main(argv=None) -> dict:
     import numpy as np
 
     load_start = os.getloadavg()
-    skipped = skip_reason(args)
-    if skipped:
-        print(f"official STEGO row skipped: {skipped}", flush=True)
     images = photos(args.batch, args.res)
-    rows, stages = [], []
+    stages = []
+
+    def ours(model: str) -> list[dict]:
+        rows, st = ours_rows(model, images, args)
+        stages.extend(st)
+        return rows
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.npy")
         np.save(path, images)
-        for model in args.models.split(","):
-            off = None
-            if not skipped:
-                off = run_official(args, model, __file__,
-                                   ("--images", path, "--crf-processes", str(args.crf_processes)))
-                print(json.dumps(off), flush=True)
-                rows.append(off)
-            ours, st = ours_rows(model, images, args)
-            for r in ours:
-                if off and "error" not in off and "error" not in r:
-                    r["ratio_vs_official"] = r["images_per_s"] / off["images_per_s"]
-                print(json.dumps(r), flush=True)
-            rows += ours
-            stages += st
+        rows, skipped = side_by_side(args, ours, __file__,
+                                     ("--images", path, "--crf-processes", str(args.crf_processes)))
     return common.finish("official_eval", args, rows,
                          lambda records, env: markdown_table(records, stages, env, skipped),
                          load_start, stages=stages, skipped=skipped)
