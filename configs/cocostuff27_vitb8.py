@@ -1,7 +1,8 @@
 """CocoStuff-27, DINO ViT-B/8 (the released cocostuff27_vit_base_5.ckpt setting).
 
 Loss weights/shifts: the "Cocostuff27 10/3 vit_base" block of the official train_config.yml
-(recalled as the paper's ViT-B COCO row; STEGO_FACTS 2.4 flags this as unverified).
+(src/configs/train_config.yml). That this block is the paper's ViT-B COCO-Stuff setting is our
+assumption, not verified against the paper; see docs/official_results.md.
 """
 
 from stego_jax.config import base_config, set_loss

@@ -2,7 +2,8 @@
 
 Runs end to end on a 2-core CPU in a few minutes (`make demo`). The featurizer is NOT a DINO
 ViT: no weights can be downloaded offline and a randomly initialised ViT has no structure for
-STEGO to distil (shared/DEMO_NOTES.md). Settings from the prototype measurements there.
+STEGO to distil. docs/demo.md describes the data and the descriptor, and the measurements on
+this synthetic set that the settings below come from.
 """
 
 from stego_jax.config import base_config

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on Cityscapes-27: prepare (five-crops) -> k-NN table -> train -> evaluate,
-# then print our results beside the paper's (STEGO_FACTS 6.1).
+# then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_cityscapes27.sh [--dry-run] [--config.x=y ...]
 #
@@ -16,35 +16,19 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/cityscapes}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/cityscapes27_five}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/cityscapes27_vitb8}")"
-CONFIG="${CONFIG:-configs/cityscapes27_vitb8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths cityscapes cityscapes27_five configs/cityscapes27_vitb8.py
 DATASET=cityscapes27
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cityscapes.zip"
 
-missing_raw() {
-  local split f missing=()
-  for split in train val; do
-    for f in "leftImg8bit/$split" "gtFine/$split"; do
-      [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-    done
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="Cityscapes"
+RAW_DIRS=(leftImg8bit/train gtFine/train leftImg8bit/val gtFine/val)
+RAW_FILES=()
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-Cityscapes raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Either register at https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip
 (11 GB) and gtFine_trainvaltest.zip (241 MB) and unzip both into DATA_RAW:
   mkdir -p $DATA_RAW && cd $DATA_RAW
@@ -66,10 +50,9 @@ cat <<'EOF'
 | setting                                                        | Unsup. Acc | Unsup. mIoU | Linear Acc | Linear mIoU |
 |----------------------------------------------------------------|-----------:|------------:|-----------:|------------:|
 | ViT-B/8, paper / released ckpt (configs/cityscapes27_vitb8.py) |       73.2 |        21.0 |          – |           – |
-Source: STEGO_FACTS.md 6.1 (Papers-with-Code paper page); the linear-probe numbers were not retrievable.
+Source: the paper's Papers with Code page (docs/official_results.md); no public source found for the linear-probe numbers.
 Cityscapes-27 is labelIds 7..33 (27 classes), not the usual 19-class trainId protocol.
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"

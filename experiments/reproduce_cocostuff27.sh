@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on COCO-Stuff-27: prepare (five-crops) -> k-NN table -> train -> evaluate,
-# then print our results beside the paper's (STEGO_FACTS 6.1).
+# then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_cocostuff27.sh [--dry-run] [--config.x=y ...]
 #
@@ -16,38 +16,19 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/cocostuff}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/cocostuff27_five}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/cocostuff27_vits8}")"
-CONFIG="${CONFIG:-configs/cocostuff27_vits8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths cocostuff cocostuff27_five configs/cocostuff27_vits8.py
 DATASET=cocostuff27
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/cocostuff.zip"
 
-missing_raw() {
-  local split f missing=()
-  for split in train2017 val2017; do
-    for f in "images/$split" "annotations/$split"; do
-      [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-    done
-  done
-  for f in curated/train2017/Coco164kFull_Stuff_Coarse.txt curated/val2017/Coco164kFull_Stuff_Coarse_7.txt; do
-    [[ -f "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f")
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="COCO-Stuff-27"
+RAW_DIRS=(images/train2017 annotations/train2017 images/val2017 annotations/val2017)
+RAW_FILES=(curated/train2017/Coco164kFull_Stuff_Coarse.txt curated/val2017/Coco164kFull_Stuff_Coarse_7.txt)
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-COCO-Stuff-27 raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Download the official STEGO bundle (about 20 GB; if wget fails, azcopy works for this blob storage):
   mkdir -p $parent
   wget -c -P $parent $ZIP_URL
@@ -69,10 +50,9 @@ cat <<'EOF'
 | ViT-S/8, paper (configs/cocostuff27_vits8.py)          |     48.3 * |        24.5 |     74.4 * |      38.3 * |
 | ViT-S/8, paper, no CRF (as quoted in issue #63)        |          – |        24.0 |          – |        38.4 |
 | ViT-B/8, released ckpt (configs/cocostuff27_vitb8.py)  |      56.93 |       28.19 |      76.13 |       41.07 |
-* recalled from the paper, not re-verified. Sources: STEGO_FACTS.md 6.1 (GitHub mhamilton723/STEGO issues #3, #63;
-Papers-with-Code). Retrains reported in those issues land lower (ViT-S/8 cluster mIoU 23.67 with CRF, 18.13 without).
+* recalled from the paper, not verified against the paper. Sources (docs/official_results.md): GitHub
+mhamilton723/STEGO issues #3, #63; the paper's Papers with Code page. Retrains reported in those issues land lower (ViT-S/8 cluster mIoU 23.67 with CRF, 18.13 without).
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"

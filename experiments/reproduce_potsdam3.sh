@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce STEGO on Potsdam-3: prepare (no crops, as the released checkpoint) -> k-NN table ->
-# train -> evaluate, then print our results beside the paper's (STEGO_FACTS 6.1).
+# train -> evaluate, then print our results beside the paper's (docs/official_results.md).
 #
 #   experiments/reproduce_potsdam3.sh [--dry-run] [--config.x=y ...]
 #
@@ -16,36 +16,19 @@
 # Training resumes from the last checkpoint in WORKDIR when run again.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-
-DATA_RAW="$(abspath "${DATA_RAW:-$REPO/data/raw/potsdam}")"
-DATA_DIR="$(abspath "${DATA_DIR:-$REPO/data/potsdam3}")"
-WORKDIR="$(abspath "${WORKDIR:-$REPO/runs/potsdam3_vits8}")"
-CONFIG="${CONFIG:-configs/potsdam3_vits8.py}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=experiments/reproduce_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/reproduce_lib.sh"
+reproduce_paths potsdam potsdam3 configs/potsdam3_vits8.py
 DATASET=potsdam3
-ZIP_URL="https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip"
 
-missing_raw() {
-  local f missing=()
-  for f in imgs gt; do
-    [[ -d "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f/")
-  done
-  for f in labelled_train.txt labelled_test.txt; do
-    [[ -f "$DATA_RAW/$f" ]] || missing+=("$DATA_RAW/$f")
-  done
-  printf '%s\n' "${missing[@]+"${missing[@]}"}"
-}
+RAW_TITLE="Potsdam"
+RAW_DIRS=(imgs gt)
+RAW_FILES=(labelled_train.txt labelled_test.txt)
 
-# The help printed when the raw data is missing ($1: the missing paths, one per line).
+# What to download and how to unpack it, printed below the missing paths.
 raw_help() {
   local parent; parent="$(dirname "$DATA_RAW")"
   cat <<EOF
-Potsdam raw data not found. Missing:
-$(sed 's/^/  /' <<<"$1")
 Download the official STEGO bundle (IIC's Potsdam tiles as .mat; if wget fails, azcopy works for this blob storage):
   mkdir -p $parent
   wget -c -P $parent $ZIP_URL
@@ -64,10 +47,9 @@ cat <<'EOF'
 |------------------------------------------------------------------|-----------:|------------:|-----------:|------------:|
 | paper                                                            |       77.0 |           – |          – |           – |
 | ViT-S/8, released potsdam_test.ckpt (configs/potsdam3_vits8.py)  |      77.03 |       62.57 |      85.85 |       74.83 |
-Sources: STEGO_FACTS.md 6.1 (Papers-with-Code paper page; GitHub mhamilton723/STEGO issue #39).
+Sources (docs/official_results.md): the paper's Papers with Code page; GitHub mhamilton723/STEGO issue #39.
 Retrains reported in issues #39/#62 land lower (64.23 / 47.73 cluster Acc / mIoU; about 61 % Acc).
 EOF
 }
 
-# shellcheck source=experiments/reproduce_lib.sh
-source "$REPO/experiments/reproduce_lib.sh"
+reproduce_main "$@"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stego_jax import crf
+from stego_jax import crf, testing
 
 K = 3
 H, W = 8, 10  # tiny: the O(N^2) and pure-Python references stay fast
@@ -322,37 +322,11 @@ def test_lattice_filter_and_vertex_count_match_reference() -> None:
 # pydensecrf2 (optional extra)
 
 
-def _photo(name: str, h: int, w: int) -> np.ndarray:
-    from skimage import data, transform
-
-    im = getattr(data, name)()[..., :3]
-    ih, iw = im.shape[:2]
-    s = min(ih / h, iw / w)
-    ch, cw = int(h * s), int(w * s)
-    y0, x0 = (ih - ch) // 2, (iw - cw) // 2
-    im = transform.resize(im[y0 : y0 + ch, x0 : x0 + cw], (h, w), anti_aliasing=True)
-    return (im * 255).round().astype(np.uint8)
-
-
-def _stego_like_logits(image: np.ndarray, k: int, seed: int) -> np.ndarray:
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    h, w, _ = image.shape
-    col = ndimage.gaussian_filter(image.astype(np.float32) / 255, (1.5, 1.5, 0))
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    emb = np.tanh(np.concatenate([col, 0.5 * yy[..., None], 0.5 * xx[..., None]], -1) @ rng.normal(size=(5, 16)) * 2)
-    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
-    cent = emb.reshape(-1, 16)[rng.choice(h * w, k, replace=False)]
-    noise = ndimage.gaussian_filter(rng.normal(size=(h, w, k)), (4, 4, 0))
-    return (2 * emb @ cent.T + 0.3 * noise / noise.std()).astype(np.float32)
-
-
 def test_agreement_with_pydensecrf() -> None:
     pytest.importorskip("pydensecrf.densecrf")
     for seed, name in enumerate(["astronaut", "chelsea"]):
-        image = _photo(name, 60, 80)
-        logits = _stego_like_logits(image, 5, seed)
+        image = testing.sample_photo(name, 60, 80)
+        logits = testing.stego_like_logits(image, 5, seed)
         ref = crf._pydensecrf_one(image, logits)
         default = run(image, logits)  # spatial="lattice"
         assert (default.argmax(-1) == ref.argmax(-1)).mean() == 1.0

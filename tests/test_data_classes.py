@@ -1,11 +1,13 @@
-"""Class lists and label mappings vs the published STEGO tables (STEGO_FACTS 5.2-5.4)."""
+"""Class lists and label mappings vs the official STEGO tables (official `src/data.py`: `Coco.fine_to_coarse`,
+`CityscapesSeg`, `Potsdam.fine_to_coarse`; `get_class_labels` in `src/train_segmentation.py`)."""
 
 import numpy as np
 import pytest
 
 from stego_jax.data import classes
 
-# STEGO_FACTS 5.2, the table as published (coarse index | name | fine ids).
+# The official COCO-Stuff-27 table, written out by hand from `Coco.fine_to_coarse` and `get_class_labels`
+# (coarse index | name | fine ids).
 PUBLISHED_COCO27 = """
 0 electronic 71-76 | 1 appliance 77-82 | 2 food 51-60 | 3 furniture 61-70 | 4 indoor 83-90 | 5 kitchen 43-50
 6 accessory 25-32 | 7 animal 15-24 | 8 outdoor 9-14 | 9 person 0 | 10 sports 33-42 | 11 vehicle 1-8

@@ -15,7 +15,8 @@ from stego_jax.data import build_dataset, prepare, prepared
 from stego_jax.data.sources import CorruptFileError, RawLayoutError
 
 RNG = np.random.default_rng(0)
-# Published COCO-Stuff-27 assignments of a few fine ids (STEGO_FACTS 5.2) used to check the loader end-to-end.
+# Official COCO-Stuff-27 assignments of a few fine ids (`Coco.fine_to_coarse`, official `src/data.py`) used to
+# check the loader end-to-end.
 COCO_FINE_SAMPLE = {0: 9, 2: 11, 105: 23, 156: 23, 170: 18, 119: 26, 181: 24}
 
 

@@ -1,4 +1,4 @@
-"""Synthetic dataset: determinism, shapes and class statistics (DEMO_NOTES section 1)."""
+"""Synthetic dataset: determinism, shapes and class statistics (the dataset is described in docs/demo.md)."""
 
 import numpy as np
 

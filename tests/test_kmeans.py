@@ -82,7 +82,7 @@ def test_euclidean_blobs_recovered_fixed_point_and_chunking():
     chunked = km.kmeans_fit(jax.random.key(1), x, 4, chunk_size=10, **kw)
     np.testing.assert_array_equal(chunked.assignment, res.assignment)
     np.testing.assert_allclose(chunked.centroids, res.centroids, atol=1e-5)
-    cents, assign = km.kmeans(jax.random.key(1), x, 4, **kw)  # DESIGN.md signature
+    cents, assign = km.kmeans(jax.random.key(1), x, 4, **kw)  # the tuple-returning wrapper
     np.testing.assert_array_equal(assign, res.assignment)
 
 

@@ -22,7 +22,7 @@ both label maps as `evaluate` runs it (backend jax: both over one lattice per im
 pydensecrf with a pool of `--crf-processes`); the
 totals are sums of the per-stage medians. Both sides exclude data loading, the first batch
 (warm-up, compile) and the metrics update (a confusion-matrix bincount). Images: scikit-image
-sample photos, centre-cropped and resized to res (bench_crf.py's `photo`): the CRF cost
+sample photos, centre-cropped and resized to res (`stego_jax.testing.sample_photo`): the CRF cost
 depends on the image, and noise images make the bilateral lattice abnormally large. Reported
 as images/s and the ratio ours/official; without --official the official row is skipped.
 
@@ -45,7 +45,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (stdlib only: also imported by the torch worker)
 from bench_official_stego import (add_official_args, build_official, import_official,  # noqa: E402
-                                  run_official, skip_reason, torch_device_info)
+                                  side_by_side, torch_device_info)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 OFFICIAL = "official STEGO (PyTorch)"
@@ -54,9 +54,9 @@ OFFICIAL = "official STEGO (PyTorch)"
 def photos(batch: int, res: int):
     """[batch, res, res, 3] uint8 RGB: PHOTOS in turn (driver only: needs scikit-image)."""
     import numpy as np
-    from bench_crf import photo
+    from stego_jax.testing import sample_photo
 
-    return np.stack([photo(PHOTOS[i % len(PHOTOS)], res, res) for i in range(batch)])
+    return np.stack([sample_photo(PHOTOS[i % len(PHOTOS)], res, res) for i in range(batch)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,28 +253,19 @@ def main(argv=None) -> dict:
     import numpy as np
 
     load_start = os.getloadavg()
-    skipped = skip_reason(args)
-    if skipped:
-        print(f"official STEGO row skipped: {skipped}", flush=True)
     images = photos(args.batch, args.res)
-    rows, stages = [], []
+    stages = []
+
+    def ours(model: str) -> list[dict]:
+        rows, st = ours_rows(model, images, args)
+        stages.extend(st)
+        return rows
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.npy")
         np.save(path, images)
-        for model in args.models.split(","):
-            off = None
-            if not skipped:
-                off = run_official(args, model, __file__,
-                                   ("--images", path, "--crf-processes", str(args.crf_processes)))
-                print(json.dumps(off), flush=True)
-                rows.append(off)
-            ours, st = ours_rows(model, images, args)
-            for r in ours:
-                if off and "error" not in off and "error" not in r:
-                    r["ratio_vs_official"] = r["images_per_s"] / off["images_per_s"]
-                print(json.dumps(r), flush=True)
-            rows += ours
-            stages += st
+        rows, skipped = side_by_side(args, ours, __file__,
+                                     ("--images", path, "--crf-processes", str(args.crf_processes)))
     return common.finish("official_eval", args, rows,
                          lambda records, env: markdown_table(records, stages, env, skipped),
                          load_start, stages=stages, skipped=skipped)

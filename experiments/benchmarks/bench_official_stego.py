@@ -255,6 +255,29 @@ def skip_reason(args) -> str | None:
     return None
 
 
+def side_by_side(args, ours, script: str = __file__, extra: tuple[str, ...] = ()
+                 ) -> tuple[list[dict], str | None]:
+    """For each of --models: the official record of `script --torch-worker` (unless skipped, see
+    `skip_reason`), then the records of `ours(model)`, each with its ratio to the official
+    images/s. Prints every record as it comes; returns (records, the skip reason or None)."""
+    skipped = skip_reason(args)
+    if skipped:
+        print(f"official STEGO row skipped: {skipped}", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        off = None
+        if not skipped:
+            off = run_official(args, model, script, extra)
+            print(json.dumps(off), flush=True)
+            rows.append(off)
+        for r in ours(model):
+            if off and "error" not in off and "error" not in r:
+                r["ratio_vs_official"] = r["images_per_s"] / off["images_per_s"]
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    return rows, skipped
+
+
 def markdown_table(rows: list[dict], env: dict, skipped: str | None) -> str:
     lines = [common.machine_line(env), "",
              "| model | implementation | backbone dtype | res | batch | images/s | ms/step (median) "
@@ -308,24 +331,15 @@ def main(argv=None) -> dict:
         return {}
     import bench_train
 
-    load_start = os.getloadavg()
-    skipped = skip_reason(args)
-    if skipped:
-        print(f"official STEGO row skipped: {skipped}", flush=True)
-    rows = []
-    for model in args.models.split(","):
-        off = None
-        if not skipped:
-            off = run_official(args, model)
-            print(json.dumps(off), flush=True)
-            rows.append(off)
+    def ours(model: str) -> list[dict]:
+        rows = []
         for dtype in args.dtypes.split(","):
-            ours = bench_train.run_isolated(model, dtype, "full", args)
-            ours["impl"] = "stego_jax"
-            if off and "error" not in off and "error" not in ours:
-                ours["ratio_vs_official"] = ours["images_per_s"] / off["images_per_s"]
-            print(json.dumps(ours), flush=True)
-            rows.append(ours)
+            rows.append(bench_train.run_isolated(model, dtype, "full", args))
+            rows[-1]["impl"] = "stego_jax"
+        return rows
+
+    load_start = os.getloadavg()
+    rows, skipped = side_by_side(args, ours)
     return common.finish("official_stego", args, rows,
                          lambda records, env: markdown_table(records, env, skipped), load_start,
                          skipped=skipped)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 # COCO-Stuff-27: coarse index -> (name, fine COCO-Stuff-164k ids), as the official `Coco.fine_to_coarse`
-# and `get_class_labels` (STEGO_FACTS 5.2).
+# (official `src/data.py`, class `Coco`) and `get_class_labels` (official `src/train_segmentation.py`).
 _COCO27: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("electronic", tuple(range(71, 77))),
     ("appliance", tuple(range(77, 83))),

@@ -1,4 +1,7 @@
-"""Random-access readers of the raw dataset layouts (STEGO_FACTS 5.1) returning full-resolution arrays.
+"""Random-access readers of the raw dataset layouts returning full-resolution arrays.
+
+The layouts are those of the official STEGO dataset bundles (`STEGO_ZIP_URL`; official `src/data.py`
+classes `Coco`, `CityscapesSeg`, `Potsdam`, `DirectoryDataset`).
 
 Each reader checks its layout on construction and says what to download and where to put it when
 something is missing; decoding errors name the file.

@@ -1,4 +1,4 @@
-"""Synthetic textured-scene segmentation dataset for the offline demo (DEMO_NOTES section 1).
+"""Synthetic textured-scene segmentation dataset for the offline demo (described in docs/demo.md).
 
 Class 0 is a smoothly textured background; classes 1..4 are objects told apart by texture more than colour.
 """
@@ -101,7 +101,7 @@ def generate(n: int, seed: int, *, size: int = 96, n_classes: int = 5) -> tuple[
       seed: integer seed.
       size: image side in pixels (object radii scale with `size / 96`).
       n_classes: classes including background (0); objects take classes 1..n_classes-1, whose textures
-        cycle through the four of DEMO_NOTES when n_classes > 5.
+        cycle through the four of `_texture` when n_classes > 5.
     Returns:
       images uint8 `[n, size, size, 3]`, labels int32 `[n, size, size]` with values in [0, n_classes).
     """

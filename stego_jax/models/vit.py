@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 __all__ = [
     "ViTConfig",
@@ -96,7 +97,7 @@ def patch_tokens_to_map(tokens: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
     h, w = grid_hw
     if tokens.shape[1] != 1 + h * w:
         raise ValueError(f"tokens have {tokens.shape[1]} rows, expected 1 + {h}*{w}")
-    return tokens[:, 1:].reshape(tokens.shape[0], h, w, tokens.shape[-1])
+    return rearrange(tokens[:, 1:], "b (h w) d -> b h w d", h=h, w=w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def interpolate_pos_embed(
     cols = torch_bicubic_matrix(g, (w + 0.1) / g)
     if rows.shape[0] != h or cols.shape[0] != w:  # the official code asserts the same
         raise ValueError(f"bicubic output {rows.shape[0]}x{cols.shape[0]} != grid {h}x{w}")
-    grid = pos_embed[0, 1:].reshape(g, g, -1)
+    grid = rearrange(pos_embed[0, 1:], "(i j) d -> i j d", i=g, j=g)
     resized = jnp.einsum(
         "hi,wj,ijd->hwd",
         jnp.asarray(rows, pos_embed.dtype),
@@ -171,7 +172,7 @@ def interpolate_pos_embed(
         grid,
         precision=jax.lax.Precision.HIGHEST,
     )
-    return jnp.concatenate([pos_embed[:, :1], resized.reshape(1, h * w, -1)], axis=1)
+    return jnp.concatenate([pos_embed[:, :1], rearrange(resized, "h w d -> 1 (h w) d")], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,12 +193,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, return_attention: bool = False):
         cfg = self.config
-        b, n, d = x.shape
+        _, n, d = x.shape
         dense = functools.partial(
             nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_dense_init
         )
         qkv = dense(3 * d, use_bias=cfg.qkv_bias, name="qkv")(x)
-        qkv = qkv.reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
+        # torch's fused layout: the 3d outputs are (q|k|v, head, head_dim).
+        qkv = rearrange(qkv, "b n (three heads hd) -> b n three heads hd", three=3,
+                        heads=cfg.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, N, heads, hd]
         scale = cfg.head_dim**-0.5
         attn = None
@@ -212,7 +215,7 @@ class Attention(nn.Module):
             attn = attn if return_attention else None
         else:
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
-        out = dense(d, name="proj")(out.reshape(b, n, d))
+        out = dense(d, name="proj")(rearrange(out, "b n heads hd -> b n (heads hd)"))
         return out, attn
 
 
@@ -293,8 +296,8 @@ class VisionTransformer(nn.Module):
             param_dtype=jnp.float32,
             name="patch_embed",
         )(x.astype(self.dtype))
+        tokens = rearrange(tokens, "b h w d -> b (h w) d")
         b = tokens.shape[0]
-        tokens = tokens.reshape(b, h * w, cfg.embed_dim)
 
         init = nn.initializers.truncated_normal(stddev=0.02)
         cls_token = self.param("cls_token", init, (1, 1, cfg.embed_dim), jnp.float32)
