@@ -34,7 +34,6 @@ as images/s and the ratio ours/official; without --official the official row is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -247,8 +246,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.torch_worker:
-        print(json.dumps(torch_worker(args)), flush=True)
+    if common.ran_as_worker(args, torch_worker):
         return {}
     import numpy as np
 

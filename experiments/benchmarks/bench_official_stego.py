@@ -326,8 +326,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.torch_worker:
-        print(json.dumps(torch_worker(args)), flush=True)
+    if common.ran_as_worker(args, torch_worker):
         return {}
     import bench_train
 

@@ -200,6 +200,15 @@ def finish(benchmark: str, args: argparse.Namespace, records: list[dict],
     return payload
 
 
+def ran_as_worker(args: argparse.Namespace, worker: Callable[[argparse.Namespace], dict]) -> bool:
+    """In the official side's subprocess (`--torch-worker`): run `worker(args)`, print its JSON
+    record on the last line for `last_json_line`, and return True (the caller returns)."""
+    if not getattr(args, "torch_worker", False):
+        return False
+    print(json.dumps(worker(args)), flush=True)
+    return True
+
+
 def last_json_line(text: str) -> dict:
     """The last line of `text` that parses as a JSON object (worker subprocess output)."""
     for line in reversed(text.strip().splitlines()):
