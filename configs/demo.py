@@ -6,6 +6,8 @@ STEGO to distil. docs/demo.md describes the data and the descriptor, and the mea
 this synthetic set that the settings below come from.
 """
 
+from ml_collections import config_dict
+
 from stego_jax.config import base_config
 
 
@@ -16,7 +18,7 @@ def get_config(arg: str = ""):
     c.batch_size = 32
     c.data.name = "synthetic"
     c.data.res = 96
-    c.data.crop_type = None
+    c.data.crop_type = config_dict.placeholder(str)  # None, overridable: --config.data.crop_type=five
     c.data.n_classes = 5
     c.data.n_train = 800
     c.data.n_val = 200

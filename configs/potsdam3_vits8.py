@@ -5,6 +5,8 @@ weights/shifts: the "Potsdam vit small 1/31/22" block of the official train_conf
 block active in the repository's first commit).
 """
 
+from ml_collections import config_dict
+
 from stego_jax.config import base_config, set_loss
 
 
@@ -12,7 +14,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.data.name = "potsdam3"
     c.data.root = "data/potsdam"
-    c.data.crop_type = None
+    c.data.crop_type = config_dict.placeholder(str)  # None, overridable: --config.data.crop_type=five
     c.data.n_classes = 3
     c.model.backbone = "dino_vits8_300ep"
     set_loss(c, pos_intra=(0.67, 0.08), pos_inter=(0.25, 0.02), neg_inter=(0.63, 0.46))

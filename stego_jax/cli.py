@@ -5,7 +5,9 @@
 `--config file.py:arg` calls the file's `get_config(arg)`; `--config.model.dim=100` overrides one
 field (any depth, typed as the field). Flags take `--name=value` or `--name value`; booleans
 `--name` / `--noname`. `--help` prints a program's flags. A bad flag or a bad value is a usage
-error: one line on stderr and exit status 2, no traceback.
+error: one line on stderr and exit status 2, no traceback. An error while running (a bad config
+value, an unreadable file, a damaged checkpoint) prints one line naming it and exits 1;
+`--verbose` shows its traceback (and INFO logs).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from ml_collections import config_flags
 CONVENTION = (
     "Config files: --config path/to/config.py[:arg] calls its get_config(arg); override any field\n"
     "with --config.<field>=<value> (e.g. --config.model.dim=100 --config.eval.crf=False).\n"
-    "Booleans: --name / --noname. Exit status 2 on a usage error.")
+    "Booleans: --name / --noname. Exit status 2 on a usage error, 1 on an error while running\n"
+    "(one line; --verbose for the traceback).\n"
+    "With --workdir of an existing run, the run's own config.json is the config: --config and\n"
+    "--config.x=y may change only what evaluation may change (eval.*, distributed.*, where the data\n"
+    "live); a field that changes the model or the data is refused, naming it. Resuming training\n"
+    "with changed settings (learning rates, steps, loss weights) is allowed, warned about and\n"
+    "recorded in config_history.jsonl.")
 
 _HELP = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
@@ -61,6 +69,7 @@ def run(program: str, doc: str, define: Callable[[flags.FlagValues, Sequence[str
     full = [program] + args
     fv = flags.FlagValues()
     define(fv, full)
+    flags.DEFINE_bool("verbose", False, "log at INFO level and show the traceback of an error", flag_values=fv)
     if any(a in _HELP for a in args):
         print(f"usage: python -m {program} [flags]\n\n{doc.strip()}\n\n{CONVENTION}\n\n{fv.get_help()}")
         return 0
@@ -79,8 +88,17 @@ def run(program: str, doc: str, define: Callable[[flags.FlagValues, Sequence[str
                                      f"overrides given: {overrides}")
     except OSError as e:
         return _usage_error(program, "cannot load the config file: " + " ".join(str(e).split()))
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    return int(body(fv, rest) or 0)
+    absl_logging.set_verbosity(absl_logging.INFO if fv.verbose else absl_logging.WARNING)
+    try:
+        return int(body(fv, rest) or 0)
+    except flags.ValidationError as e:
+        return _usage_error(program, str(e))
+    except (ValueError, OSError, RuntimeError) as e:
+        # Bad configs, files and checkpoints: their messages name the field or file and the fix.
+        if fv.verbose:
+            raise
+        print(f"python -m {program}: error: {e}\n(--verbose shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def _usage_error(program: str, message: str) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import ml_collections
 
@@ -133,8 +135,45 @@ def _get(config, dotted):
     return node
 
 
+# Fields a config may add to `base_config` (dataset- or program-specific); any other field is a typo.
+OPTIONAL_FIELDS = {
+    "data.n_train": "synthetic set: training images", "data.n_val": "synthetic set: validation images",
+    "data.size": "synthetic set: image side", "data.seed": "synthetic set: generator seed",
+    "demo_seeds": "demo: seeds to train", "knn.dropout": "k-NN precompute: channel dropout rate",
+    "knn.seed": "k-NN precompute: dropout seed",
+}
+_LOSS_WEIGHTS = ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight", "correspondence_weight")
+_LOSS_SHIFTS = ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift")
+
+
+def _unknown_fields(config) -> list[str]:
+    known = flatten(base_config())
+    sections = {k.rpartition(".")[0] for k in known}
+    out = []
+    for field in flatten(config):
+        if field in known or field in OPTIONAL_FIELDS:
+            continue
+        section = field.rpartition(".")[0]
+        allowed = sorted(k.rpartition(".")[2] for k in list(known) + list(OPTIONAL_FIELDS)
+                         if k.rpartition(".")[0] == section)
+        where = f"config.{section}" if section else "the config"
+        hint = f"; {where} has {allowed}" if section in sections or not section else ""
+        out.append(f"config.{field} is not a known field{hint}")
+    return out
+
+
 def validate(config) -> None:
     """Raise ValueError naming the field and the allowed values for a bad config."""
+    unknown = _unknown_fields(config)
+    if unknown:
+        raise ValueError(unknown[0] + (f" (and {len(unknown) - 1} more unknown field(s))" if len(unknown) > 1 else ""))
+    for name in _LOSS_WEIGHTS:
+        value = config.loss[name]
+        if not _finite(value) or value < 0:
+            raise ValueError(f"config.loss.{name}={value!r} must be a finite number >= 0")
+    for name in _LOSS_SHIFTS:
+        if not _finite(config.loss[name]):
+            raise ValueError(f"config.loss.{name}={config.loss[name]!r} must be a finite number")
     for field, allowed in _CHOICES.items():
         value = _get(config, field)
         if value not in allowed:
@@ -168,6 +207,78 @@ def eval_config(config) -> ml_collections.ConfigDict:
     c.data.res = config.eval.res
     c.data.crop_type = None
     return c
+
+
+# ----------------------------------------------------------------------------------------
+# A run's config against another one (resume, evaluation of a finished run)
+# ----------------------------------------------------------------------------------------
+
+# Where and how the data are read, not what they are: may change for an existing run.
+LOCATION_FIELDS = ("data.root", "data.num_workers", "data.skip_corrupt", "knn.dir", "feature_cache.dir")
+# What evaluation may change on a finished run (besides LOCATION_FIELDS).
+EVAL_PREFIXES = ("eval.", "distributed.")
+
+
+def flatten(config) -> dict:
+    """{"a.b.c": value} of a ConfigDict or nested dict, JSON-normalised (tuples -> lists)."""
+    tree = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+    out: dict = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+    walk(tree, "")
+    return out
+
+
+def changes(old, new) -> dict[str, tuple]:
+    """{field: (old value, new value)} where two configs differ ("<absent>" for a missing field)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def defines_the_run(field: str) -> bool:
+    """True for the fields that make a different model or different data (model.*, data.* but
+    where the data live): an existing run cannot change them."""
+    return field.startswith(("model.", "data.")) and field not in LOCATION_FIELDS
+
+
+def _describe(diff: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
+def check_same_run(old, new, *, what: str, path: str) -> dict[str, tuple]:
+    """The changes from `old` (a run's saved config) to `new`; ValueError naming each field that
+    defines the run (`defines_the_run`)."""
+    diff = changes(old, new)
+    refused = {k: v for k, v in diff.items() if defines_the_run(k)}
+    if refused:
+        raise ValueError(
+            f"{what} would change what the run in {os.path.dirname(path) or '.'} is: {_describe(refused)} "
+            f"(its config is {path}). These fields define the model and the data; use a new --workdir "
+            f"for a different run, or drop those overrides")
+    return diff
+
+
+def config_for_finished_run(run_config, given, path: str = "config.json") -> ml_collections.ConfigDict:
+    """The config to evaluate (or predict with) a finished run: the run's own config with the
+    evaluation fields (eval.*, distributed.*, where the data live) of `given`; fields that define
+    the run must not differ (ValueError naming them); training fields of `given` are ignored."""
+    diff = check_same_run(run_config, given, what="the given --config", path=path)
+    out = ml_collections.ConfigDict(run_config.to_dict())
+    g = flatten(given)
+    for field in diff:
+        if field.startswith(EVAL_PREFIXES) or field in LOCATION_FIELDS:
+            node = out
+            *parents, leaf = field.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = g[field]
+    return out
 
 
 def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from absl import flags
 
 from stego_jax import cli, kmeans as kmeans_lib
 from stego_jax import metrics, ops, parallel
+from stego_jax.config import validate
 from stego_jax.data import build_dataset
 from stego_jax.data.transforms import normalize
 from stego_jax.evaluate import evaluate
@@ -68,6 +69,7 @@ def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
     """Trains and evaluates `seeds` runs, computes the baselines, writes results.md/json.
 
     `devices` defaults to all devices (one on a plain CPU host)."""
+    validate(config)
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     per_seed = []

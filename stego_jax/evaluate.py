@@ -24,11 +24,12 @@ from tqdm import tqdm
 from stego_jax import crf as crf_lib
 from stego_jax import kmeans as kmeans_lib
 from stego_jax import cli, metrics, parallel, viz
-from stego_jax.checkpoints import load_run_config, restore_params
-from stego_jax.config import eval_config
+from stego_jax.checkpoints import restore_params
+from stego_jax.config import eval_config, validate
 from stego_jax.data import build_dataset
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, round_up, run_featurizer
 from stego_jax.model import build_modules, probe_outputs
+from stego_jax.run_config import config_of_run
 
 
 def make_heads_fn(modules):
@@ -75,7 +76,10 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
              quiet: bool = False, devices: list | None = None) -> dict:
     """Evaluate a trained run; writes the result files to `out_dir` (default workdir).
 
-    `devices` defaults to all devices of all processes."""
+    `devices` defaults to all devices of all processes. The run's own `config.json` is the
+    config: `config` may change only evaluation fields (see `run_config.config_of_run`)."""
+    config = config_of_run(workdir, config)
+    validate(config)
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
     mesh = parallel.make_mesh(devices)
@@ -172,14 +176,15 @@ def write_results(config, results: dict, conf: dict, overlays: list, out_dir: st
 
 def _define(fv, argv) -> None:
     cli.define_config(fv, argv, required=False,
-                      help_string="config file (path.py or path.py:arg); default: the run's own config.json")
+                      help_string="config file (path.py or path.py:arg); default: the run's own config.json. "
+                                  "Given, it may change only evaluation fields (eval.*, distributed.*, "
+                                  "data.root): a field that changes the model or the data is refused")
     flags.DEFINE_string("workdir", None, "workdir of the training run", flag_values=fv, required=True)
 
 
 def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
-    config = fv.config if fv.config is not None else load_run_config(fv.workdir)
-    evaluate(config, fv.workdir)
+    evaluate(config_of_run(fv.workdir, fv.config), fv.workdir)
     return 0
 
 

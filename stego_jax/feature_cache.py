@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 
 from stego_jax import knn as knn_lib
-from stego_jax import cli, parallel
+from stego_jax import cli, parallel, run_config
 from stego_jax.config import validate
 from stego_jax.data import build_dataset
 from stego_jax.featurize import local_featurize_fn, run_featurizer
@@ -329,12 +329,13 @@ def open_or_build(directory: str, config, featurizer, dataset,
 
 def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     cli.define_config(fv, argv)
-    flags.DEFINE_string("workdir", None, "training workdir whose featurizer.npz to use ('descriptor' "
-                        "featurizer only; default: fit it, as training does in a new workdir)", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "an existing run: its config.json is the config (--config may then "
+                        "change only where the data live) and its featurizer.npz is used ('descriptor' "
+                        "featurizer; default: fit it, as training does in a new workdir)", flag_values=fv)
 
 
 def _main(fv: flags.FlagValues, _) -> int:
-    config = fv.config
+    config = run_config.config_of_run(fv.workdir, fv.config) if fv.workdir else fv.config
     parallel.enable_compilation_cache()
     parallel.initialize_distributed(config)  # before any JAX computation
     validate(config)

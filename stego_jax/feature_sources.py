@@ -69,17 +69,27 @@ class StreamedFeatures:
     """Images decoded by the input pipeline each step; the frozen backbone runs on device in its
     own jitted call (its parameters are an argument, never part of the optimizer state)."""
 
-    def __init__(self, dataset, knn: np.ndarray, config, featurize, fparams, mesh, start_step: int):
+    def __init__(self, dataset, knn: np.ndarray, config, featurize, fparams, mesh):
         self.featurize, self.fparams, self.mesh = featurize, fparams, mesh
-        rows = parallel.process_rows(mesh, config.batch_size)
+        self.dataset, self.knn, self.config = dataset, knn, config
+        self.it: Iterator | None = None
+        self.next_step = None
+
+    def _start(self, step: int) -> Iterator:
+        """The input pipeline from `step` on (a resumed run starts it where it resumes)."""
+        c = self.config
+        rows = parallel.process_rows(self.mesh, c.batch_size)
         per = rows.stop - rows.start
         # `batches` hands process i the block [i*per, (i+1)*per) of the global plan: name the block
         # this process's devices hold.
-        self.it = batches(dataset, batch_size=per, seed=config.seed, start_step=start_step,
-                          process_index=rows.start // per, process_count=config.batch_size // per, knn=knn,
-                          num_neighbors=config.knn.num_neighbors, num_workers=config.data.num_workers)
+        return batches(self.dataset, batch_size=per, seed=c.seed, start_step=step,
+                       process_index=rows.start // per, process_count=c.batch_size // per, knn=self.knn,
+                       num_neighbors=c.knn.num_neighbors, num_workers=c.data.num_workers)
 
     def batch(self, step: int) -> dict:
+        if self.it is None or step != self.next_step:
+            self.it = self._start(step)
+        self.next_step = step + 1
         b = next(self.it)
         arr = parallel.shard_batch({"image": b["image"], "image_pos": b["image_pos"], "label": b["label"]},
                                    self.mesh)
@@ -113,7 +123,7 @@ def _stack(ds, key: str) -> np.ndarray:
     return np.stack([ds[i][key] for i in range(len(ds))])
 
 
-def build_training_data(config, workdir: str, mesh, start_step: int
+def build_training_data(config, workdir: str, mesh
                         ) -> tuple[Featurizer, FeatureSource, Callable[[], Iterator]]:
     """The featurizer, the per-step training feature source and the validation batches of `config`.
 
@@ -143,7 +153,7 @@ def build_training_data(config, workdir: str, mesh, start_step: int
         source = CachedFeatures(feats, labels, table, config, mesh)
     else:
         table = load_train_knn(config, featurizer, train_ds)
-        source = StreamedFeatures(train_ds, table, config, featurize, featurizer.params, mesh, start_step)
+        source = StreamedFeatures(train_ds, table, config, featurize, featurizer.params, mesh)
     return featurizer, source, validation_batches(config, featurize, featurizer, mesh)
 
 

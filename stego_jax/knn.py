@@ -18,7 +18,8 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from stego_jax import cli, data, featurizers, parallel
+from stego_jax import cli, data, featurizers, parallel, run_config
+from stego_jax.config import validate
 from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale.
@@ -318,12 +319,18 @@ def run(
 
 
 def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
-    cli.define_config(fv, argv)
+    cli.define_config(fv, argv, required=False)
+    flags.DEFINE_string("workdir", None, "an existing run: use its own config.json (--config may then change "
+                        "only where the data live)", flag_values=fv)
 
 
 def _main(fv: flags.FlagValues, _) -> int:
+    if fv.config is None and not fv.workdir:
+        raise flags.ValidationError("give --config, or --workdir of an existing run")
+    config = run_config.config_of_run(fv.workdir, fv.config) if fv.workdir else fv.config
+    validate(config)
     parallel.enable_compilation_cache()
-    for path in run(fv.config):
+    for path in run(config):
         print(f"wrote {path}", flush=True)
     return 0
 

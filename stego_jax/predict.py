@@ -23,10 +23,12 @@ from tqdm import tqdm
 
 from stego_jax import crf as crf_lib
 from stego_jax import cli, parallel, viz
-from stego_jax.checkpoints import load_run_config, restore_params
+from stego_jax.checkpoints import restore_params
+from stego_jax.config import validate
 from stego_jax.data.sources import read_rgb
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, run_featurizer
 from stego_jax.model import build_modules, probe_outputs
+from stego_jax.run_config import load_run_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -98,6 +100,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
                    use_linear: bool = False, batch_size: int = 8, quiet: bool = False) -> dict:
     """Segment every image in `images_dir`; returns {"written": [...], "failed": {path: error}}."""
     config = load_run_config(workdir)
+    validate(config)
     crf = bool(config.eval.crf) if crf is None else crf
     featurizer = run_featurizer(config, workdir)
     modules = build_modules(config)

@@ -9,6 +9,7 @@ optimizer, in its own jitted call or once into a cache); orbax checkpoints with 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import jax
 import ml_collections
@@ -16,10 +17,11 @@ import numpy as np
 from absl import flags
 
 from stego_jax import cli, parallel, viz
-from stego_jax.checkpoints import Checkpoints, prepare_workdir, save_config
+from stego_jax.checkpoints import Checkpoints
 from stego_jax.config import validate
 from stego_jax.feature_sources import build_training_data
 from stego_jax.model import build_modules, create_state, make_optimizer
+from stego_jax.run_config import prepare_workdir, resume_changes, save_config
 from stego_jax.steps import make_confusion_fn, make_predict_fn, make_train_step, validate_probes
 from stego_jax.writers import MetricWriter
 
@@ -35,16 +37,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     """
     parallel.initialize_distributed(config)  # first: the JAX backend must not have started yet
     validate(config)
+    diff = resume_changes(config, workdir)  # refuses a model/data change before anything is written
     prepare_workdir(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        save_config(config, workdir)
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
 
-    ckpts = Checkpoints(workdir, config.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    featurizer, source, val_batches = build_training_data(config, workdir, mesh, start)
+    featurizer, source, val_batches = build_training_data(config, workdir, mesh)
     modules = build_modules(config)
     optimizer = make_optimizer(config)
     rep = parallel.replicated(mesh)
@@ -52,19 +51,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     init_key, step_key = jax.random.split(root)
     state = jax.jit(lambda k: create_state(config, featurizer.dim, k), out_shardings=rep)(init_key)
 
-    if start:
-        state = ckpts.restore(start, jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    start = 0
+    if ckpts.last.all_steps():
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+        _, start, state = ckpts.restore_newest_intact(abstract, move_damaged=True)
         if is_main:
             print(f"resumed from step {start} in {workdir}", flush=True)
+    if is_main:
+        if diff:
+            warnings.warn(f"resuming {workdir} at step {start} with changed settings: "
+                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                          + " (recorded in config_history.jsonl)")
+        save_config(config, workdir, step=start, diff=diff)
 
     step_fn = make_train_step(config, mesh, modules, optimizer)
     confusion_fn = make_confusion_fn(config, modules, mesh)
     predict = make_predict_fn(config, modules)
-    logger = MetricWriter(workdir, config.num_steps, is_main)
+    logger = MetricWriter(workdir, config.num_steps, is_main, start_step=start)
     window: list = []
     last_eval: dict = {}
-    last_good = start
+    last_saved = start
     done = start
     try:
         for step in range(start, config.num_steps):
@@ -78,10 +85,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 bad = [i for i, m in enumerate(host) if bool(m["nonfinite"])]
                 if bad:
                     first = done - len(host) + bad[0]
+                    saved = _last_checkpoint_state(ckpts, last_saved, workdir)
                     raise FloatingPointError(
                         f"non-finite loss at step {first + 1}: training stopped. The parameters were "
-                        f"not updated with it; the last good checkpoint (step {last_good}) in "
-                        f"{workdir}/checkpoints is intact. Check the input data for NaN/Inf, or lower "
+                        f"not updated with it; {saved}. Check the input data for NaN/Inf, or lower "
                         f"config.optim.lr (now {config.optim.lr}).")
                 mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
                 logger.scalars(done, mean, "train/")
@@ -96,12 +103,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             if done % config.checkpoint_every == 0 or done == config.num_steps:
                 ckpts.save(done, state, last_eval if done % config.eval_every == 0
                            or done == config.num_steps else None)
-                last_good = done
+                last_saved = done
     finally:
         ckpts.wait()
         ckpts.close()
         logger.close()
     return {"step": int(done), **last_eval, "params": state["params"]}
+
+
+def _last_checkpoint_state(ckpts: Checkpoints, step: int, workdir: str) -> str:
+    """What the last checkpoint holds, checked against its checksums now."""
+    if not step:
+        return "no checkpoint had been written yet"
+    problem = ckpts.check("checkpoints", step)
+    if problem is None:
+        return (f"the last good checkpoint (step {step}) in {workdir}/checkpoints is intact "
+                "(its files match the checksums recorded when it was written)")
+    return f"the last checkpoint (step {step}) in {workdir}/checkpoints is NOT intact: {problem}"
 
 
 def _define(fv, argv) -> None:

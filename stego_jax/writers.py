@@ -12,9 +12,14 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Console progress (process 0), JSON lines and TensorBoard event files."""
+    """Console progress (process 0), JSON lines and TensorBoard event files.
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool):
+    Each step is logged once: a run resumed at `start_step` drops the records of later steps
+    (written before it stopped, and about to be re-run) from `metrics.jsonl`, and TensorBoard
+    is told to purge its events from `start_step + 1` on.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.total = total_steps
         self.t0 = time.time()
@@ -22,11 +27,14 @@ class MetricWriter:
         self.writer = None
         self.jsonl = None
         if enabled:
-            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _keep_steps_up_to(path, start_step)
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"),
+                                        purge_step=start_step + 1 if start_step else None)
+            self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
-        if not self.enabled:
+        if not self.enabled or not values:
             return
         for k, v in values.items():
             self.writer.add_scalar(prefix + k, float(v), step)
@@ -54,3 +62,23 @@ class MetricWriter:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def _keep_steps_up_to(path: str, step: int) -> None:
+    """Rewrite the JSON-lines file at `path` without the records of steps after `step` (and
+    without a line a kill cut short)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

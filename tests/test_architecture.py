@@ -12,7 +12,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 # Lowest first; a module may import its own layer and the layers above it in this list.
 LAYERS = [
-    ("leaves", ["stego_jax", "stego_jax.cli", "stego_jax.testing", "stego_jax.ops", "stego_jax.config", "stego_jax.parallel", "stego_jax.metrics",
+    ("leaves", ["stego_jax", "stego_jax.cli", "stego_jax.run_config", "stego_jax.testing", "stego_jax.ops", "stego_jax.config", "stego_jax.parallel", "stego_jax.metrics",
                 "stego_jax.kmeans", "stego_jax.crf", "stego_jax.losses", "stego_jax.data", "stego_jax.data.*"]),
     ("models", ["stego_jax.models", "stego_jax.models.*"]),
     ("weights", ["stego_jax.weights", "stego_jax.weights.*"]),

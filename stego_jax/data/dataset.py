@@ -161,7 +161,7 @@ def build_dataset(config: Any, split: str) -> Dataset:
                              f"{name!r}")
         if source.crop != crop_type:
             raise ValueError(f"{root} holds crop={source.crop!r} data but config.data.crop_type={crop_type!r}; "
-                             f"set crop_type to {source.crop!r} or point root at matching data")
+                             f"pass --config.data.crop_type={source.crop or 'none'} or point data.root at matching data")
         return Dataset(source, int(res), skip_corrupt=bool(_cfg(data, "skip_corrupt", False)))
     return Dataset(DATASETS[name](data, split), int(res), crop_type=crop_type, crop_ratio=ratio,
                    skip_corrupt=bool(_cfg(data, "skip_corrupt", False)))
