@@ -164,6 +164,15 @@ class Checkpoints:
             f"no checkpoint in {self.workdir}/checkpoints; train first: "
             f"python -m stego_jax.train --config <config> --workdir {self.workdir}")
 
+    def restore(self, step: int, abstract_state, which: str = "last"):
+        """The state of checkpoint `step` (`which`: "last" or "best"), verified first; a damaged
+        one is a CheckpointError saying what is wrong."""
+        kind = "checkpoints" if which == "last" else "best"
+        problem, state = self._try_restore(kind, int(step), abstract_state)
+        if state is None:
+            raise CheckpointError(f"checkpoint {os.path.join(self.workdir, kind, str(step))} is damaged: {problem}")
+        return state
+
     def _try_restore(self, kind: str, step: int, abstract_state) -> tuple[str | None, Any]:
         """(problem, None) for a damaged checkpoint, (None, state) for an intact one."""
         where = os.path.join(self.workdir, kind, str(step))
