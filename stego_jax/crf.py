@@ -468,8 +468,8 @@ def _dense_crf(
     return jax.lax.cond(m <= fast, lambda: q, lambda: solve(safe)[0])
 
 
-_CRF_OPTIONS = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "spatial", "method",
-                "capacity", "splits")
+_CRF_OPTIONS = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "spatial",
+                "method", "capacity", "splits")
 # One compiled program per image shape/dtype and options; `dense_crf` normalises the options
 # (ints, floats, a tuple of splits) so that equal options share it.
 _dense_crf_jit = jax.jit(_dense_crf, static_argnames=_CRF_OPTIONS)

@@ -209,7 +209,8 @@ def correspondence_loss_given_draws(
     cn_s = split(_sample(code, coords2_rep, idx))
     # vmap, not one big batch: with `pointwise` the global mean added back to F is per draw in the
     # official code (one helper call per draw), so draws must not share it.
-    neg_loss, neg_cd = jax.vmap(lambda fn, cn: term(f_s, fn, c_s, cn, weights.neg_inter_shift))(fn_s, cn_s)
+    neg_term = lambda fn, cn: term(f_s, fn, c_s, cn, weights.neg_inter_shift)  # noqa: E731
+    neg_loss, neg_cd = jax.vmap(neg_term)(fn_s, cn_s)
 
     aux = {
         "pos_intra_loss": jnp.mean(intra_loss),
@@ -228,7 +229,8 @@ def correspondence_loss_given_draws(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("feature_samples", "neg_samples", "pointwise", "zero_clamp", "stabilize")
+    jax.jit,
+    static_argnames=("feature_samples", "neg_samples", "pointwise", "zero_clamp", "stabilize"),
 )
 def stego_correspondence_loss(
     key: Array,
@@ -247,10 +249,11 @@ def stego_correspondence_loss(
     """The STEGO correspondence loss (official ``ContrastiveCorrelationLoss`` and its weighting).
 
     ``loss = pos_inter_weight * mean(L_knn) + pos_intra_weight * mean(L_self)
-    + neg_inter_weight * mean(L_neg)`` (the `LossWeights`): self term (anchor vs itself at the same S x S points),
-    KNN term (anchor vs its partner), and ``neg_samples`` random-negative terms, each pairing every
-    anchor with another element of the *anchor* batch (`super_perm`) sampled at the partner points.
-    The official multiplier ``correspondence_weight`` is left to the caller.
+    + neg_inter_weight * mean(L_neg)`` (weights from `LossWeights`): self term (anchor vs itself
+    at the same S x S points), KNN term (anchor vs its partner), and ``neg_samples``
+    random-negative terms, each pairing every anchor with another element of the *anchor* batch
+    (`super_perm`) sampled at the partner points. The official multiplier
+    ``correspondence_weight`` is left to the caller.
 
     Args:
       key: PRNG key; all draws (points and negative maps) derive from it deterministically.

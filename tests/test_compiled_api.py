@@ -39,8 +39,10 @@ def _eager(fn, *args, **kwargs):
 
 
 def _close(got, want, rtol=1e-6, atol=1e-6):
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol),
-                 got, want)
+    def one(g, w):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+    jax.tree.map(one, got, want)
 
 
 # ---------------------------------------------------------------- CRF
@@ -111,7 +113,8 @@ def test_dense_crf_capacity_retry_and_traced_use_still_work():
     assert not np.allclose(np.asarray(fast_only), np.asarray(safe))  # the retry did happen
     # inside a user's jit and vmap it still traces (nested compiled call)
     both = jax.jit(jax.vmap(lambda a, b: crf.dense_crf(a, b, iterations=2, capacity=6 * 96 * 96)))
-    np.testing.assert_allclose(np.asarray(both(img[None], logits[None]))[0], np.asarray(safe), atol=1e-6)
+    traced = np.asarray(both(img[None], logits[None]))[0]
+    np.testing.assert_allclose(traced, np.asarray(safe), atol=1e-6)
 
 
 def test_unary_from_logits_compiled_once():
@@ -125,9 +128,11 @@ def test_unary_from_logits_compiled_once():
 
 def test_kmeans_functions_compiled_once_and_match_eager():
     rng = np.random.default_rng(4)
-    x = np.concatenate([rng.normal(c, 0.1, size=(40, 3)) for c in (-1.0, 0.0, 1.0)]).astype(np.float32)
+    x = np.concatenate([rng.normal(c, 0.1, size=(40, 3)) for c in (-1.0, 0.0, 1.0)])
+    x = x.astype(np.float32)
     key = jax.random.key(0)
-    res = _compiled_once(kmeans._fit, lambda: kmeans.kmeans_fit(key, x, 3, iters=5, metric="euclidean"))
+    fit = lambda: kmeans.kmeans_fit(key, x, 3, iters=5, metric="euclidean")  # noqa: E731
+    res = _compiled_once(kmeans._fit, fit)
     cents, assignment = kmeans.kmeans(key, x, 3, iters=5, metric="euclidean")
     np.testing.assert_array_equal(np.asarray(cents), np.asarray(res.centroids))
     np.testing.assert_array_equal(np.asarray(assignment), np.asarray(res.assignment))
@@ -135,10 +140,10 @@ def test_kmeans_functions_compiled_once_and_match_eager():
     np.testing.assert_array_equal(np.asarray(res.assignment), np.asarray(ref.assignment))
     _close(res.centroids, ref.centroids, atol=1e-5)
 
-    a = _compiled_once(kmeans.assign, lambda: kmeans.assign(x, res.centroids, "euclidean", chunk_size=50))
+    a = _compiled_once(kmeans.assign, lambda: kmeans.assign(x, res.centroids, "euclidean", 50))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(res.assignment))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(_eager(kmeans.assign, x, res.centroids, "euclidean",
-                                                                    chunk_size=50)))
+    ref_a = _eager(kmeans.assign, x, res.centroids, "euclidean", 50)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(ref_a))
 
 
 def test_confusion_compiled_once_and_matches_eager():
@@ -147,7 +152,8 @@ def test_confusion_compiled_once_and_matches_eager():
     labels = rng.integers(-1, 5, size=(2, 8, 9))
     out = _compiled_once(metrics.confusion, lambda: metrics.confusion(preds, labels, 4, 6))
     assert out.shape == (6, 4) and out.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(_eager(metrics.confusion, preds, labels, 4, 6)))
+    ref = _eager(metrics.confusion, preds, labels, 4, 6)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
     two = metrics.confusion(preds, labels, 4, 6, ignore_index=2)
     n = _cache_size(metrics.confusion)
     three = metrics.confusion(preds, labels, 4, 6, ignore_index=3)  # an argument: no new program
@@ -165,14 +171,21 @@ def test_confusion_compiled_once_and_matches_eager():
 def _loss_inputs(B=3, hw=(4, 5), C=6, K=4, S=3, seed=6):
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
-    return dict(feats=f(B, *hw, C), feats_pos=f(B, *hw, C), code=f(B, *hw, K), code_pos=f(B, *hw, K),
+    return dict(feats=f(B, *hw, C), feats_pos=f(B, *hw, C), code=f(B, *hw, K),
+                code_pos=f(B, *hw, K),
                 coords1=rng.uniform(-1, 1, (B, S, S, 2)).astype(np.float32),
                 coords2=rng.uniform(-1, 1, (B, S, S, 2)).astype(np.float32),
                 perms=np.array([[2, 0, 0], [1, 2, 0]], np.int32))
 
 
+def _draws_args(a):
+    names = ("feats", "feats_pos", "code", "code_pos", "coords1", "coords2", "perms")
+    return tuple(a[n] for n in names)
+
+
 def test_losses_compiled_once_and_match_eager():
     a = _loss_inputs()
+    labels = np.random.default_rng(7).integers(-1, 5, (3, 8, 10))
     cases = [
         (losses.sample, (a["feats"], a["coords1"]), {}),
         (losses.tensor_correlation, (a["code"], a["code_pos"]), {}),
@@ -180,13 +193,12 @@ def test_losses_compiled_once_and_match_eager():
          dict(pointwise=False, stabilize=True)),
         (losses.super_perm, (jax.random.key(1), 7), {}),
         (losses.correspondence_loss_given_draws,
-         (a["feats"], a["feats_pos"], a["code"], a["code_pos"], a["coords1"], a["coords2"], a["perms"], WEIGHTS),
-         {}),
+         (*_draws_args(a), WEIGHTS), {}),
         (losses.stego_correspondence_loss,
          (jax.random.key(2), a["feats"], a["feats_pos"], a["code"], a["code_pos"], WEIGHTS),
          dict(feature_samples=3, neg_samples=2)),
         (losses.cluster_probe_loss, (a["code"],), {}),
-        (losses.linear_probe_loss, (a["code"], np.random.default_rng(7).integers(-1, 5, (3, 8, 10)), 4), {}),
+        (losses.linear_probe_loss, (a["code"], labels, 4), {}),
         (ops.norm, (a["feats"],), dict(eps=1e-12)),
         (ops.upsample_bilinear, (a["code"], (8, 10)), {}),
     ]
@@ -217,10 +229,11 @@ def test_loss_weights_are_a_traceable_pytree_from_config():
 
     cfg = config_lib.base_config()
     w = losses.LossWeights.from_config(cfg.loss)
-    assert w.pos_intra_weight == cfg.loss.pos_intra_weight and w.neg_inter_shift == cfg.loss.neg_inter_shift
+    assert w.pos_intra_weight == cfg.loss.pos_intra_weight
+    assert w.neg_inter_shift == cfg.loss.neg_inter_shift
     assert len(jax.tree.leaves(w)) == 6
     a = _loss_inputs()
-    args = (a["feats"], a["feats_pos"], a["code"], a["code_pos"], a["coords1"], a["coords2"], a["perms"])
+    args = _draws_args(a)
     fn = losses.correspondence_loss_given_draws
     fn(*args, w)
     n = _cache_size(fn)

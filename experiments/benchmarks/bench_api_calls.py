@@ -34,7 +34,8 @@ def _once(fn) -> tuple[float, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="160x240x5", help="HxWxK")
     ap.add_argument("--images", nargs="+", default=["astronaut", "chelsea", "coffee"])
     ap.add_argument("--repeats", type=int, default=5)
@@ -89,10 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in recs:
             sp_ref = common.fmt(r.get("speed_vs_pydensecrf"), ".2f")
+            sp_ref += "x" if sp_ref != "n/a" else ""
             same = {True: "yes", False: "no"}.get(r.get("same_as_jit"), "–")
             lines.append(f"| {r['image']} | {r['config']} | {r['call']} | {r['first_call_s']:.2f} "
                          f"| {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} "
-                         f"| {r['speed_vs_jit']:.2f}x | {sp_ref}{'x' if sp_ref != 'n/a' else ''} | {same} |")
+                         f"| {r['speed_vs_jit']:.2f}x | {sp_ref} | {same} |")
         return "\n".join(lines)
 
     return common.finish("api_calls", args, records, table, load_start)
