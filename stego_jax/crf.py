@@ -334,9 +334,15 @@ def _features(image: jax.Array, sxy: float, srgb: float | None) -> jax.Array:
     return jnp.stack(feats, -1).reshape(h * w, -1)
 
 
-def unary_from_logits(logits: jax.Array) -> jax.Array:
-    """U = -log(clip(softmax(logits), 1e-5, 1)), [..., K] → [..., K] (pydensecrf.utils)."""
+def _unary(logits: jax.Array) -> jax.Array:
     return -jnp.log(jnp.clip(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), 1e-5, 1.0))
+
+
+@jax.jit
+def unary_from_logits(logits: jax.Array) -> jax.Array:
+    """U = -log(clip(softmax(logits), 1e-5, 1)), [..., K] → [..., K] (pydensecrf.utils). Compiled
+    once per shape."""
+    return _unary(logits)
 
 
 def dense_crf(
@@ -368,8 +374,34 @@ def dense_crf(
     `capacity` is the static lattice size. Default: 1.5·H·W, redone at the overflow-free 6·H·W
     when exceeded (always 6·H·W below 8192 pixels). An explicit value skips that check: vertices
     past it are dropped.
-    Pure and jittable; `jax.vmap` over a batch of equally sized images.
+    Called directly (e.g. on NumPy arrays) it runs one compiled program, built once per image
+    shape, dtype and set of options (all options are static: plain Python values). Also
+    jittable; `jax.vmap` over a batch of equally sized images.
     """
+    return _dense_crf_jit(
+        image, logits, iterations=int(iterations), pos_w=float(pos_w), pos_xy_std=float(pos_xy_std),
+        bi_w=float(bi_w), bi_xy_std=float(bi_xy_std), bi_rgb_std=float(bi_rgb_std), spatial=spatial,
+        method=method, capacity=None if capacity is None else int(capacity),
+        splits=None if splits is None else tuple(int(x) for x in splits),
+    )
+
+
+def _dense_crf(
+    image: jax.Array,
+    logits: jax.Array,
+    *,
+    iterations: int,
+    pos_w: float,
+    pos_xy_std: float,
+    bi_w: float,
+    bi_xy_std: float,
+    bi_rgb_std: float,
+    spatial: str,
+    method: str,
+    capacity: int | None,
+    splits: tuple[int, ...] | None,
+) -> jax.Array:
+    """`dense_crf`'s traceable body (its options are Python values)."""
     h, w, k = logits.shape
     if image.shape != (h, w, 3):
         raise ValueError(f"image shape {image.shape} does not match logits {logits.shape[:2]} + (3,)")
@@ -385,7 +417,7 @@ def dense_crf(
         return jnp.concatenate([fn(p) for p in jnp.split(x, cuts, axis=-1)], -1) if cuts else fn(x)
 
     softmax = functools.partial(per_set, functools.partial(jax.nn.softmax, axis=-1))
-    unary = per_set(unary_from_logits, logits).reshape(n, k)
+    unary = per_set(_unary, logits).reshape(n, k)
     f_pos = _features(image, pos_xy_std, None)
     f_bi = _features(image, bi_xy_std, bi_rgb_std)
 
@@ -434,6 +466,13 @@ def dense_crf(
     fast = int(1.5 * n)
     q, m = solve(fast)
     return jax.lax.cond(m <= fast, lambda: q, lambda: solve(safe)[0])
+
+
+_CRF_OPTIONS = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "spatial",
+                "method", "capacity", "splits")
+# One compiled program per image shape/dtype and options; `dense_crf` normalises the options
+# (ints, floats, a tuple of splits) so that equal options share it.
+_dense_crf_jit = jax.jit(_dense_crf, static_argnames=_CRF_OPTIONS)
 
 
 def dense_crf_batch(images: jax.Array, logits: jax.Array, **params) -> jax.Array:

@@ -51,10 +51,11 @@ def _chunked_assign(xc: jax.Array, centroids: jax.Array, metric: str):
     return a.reshape(-1), d.reshape(-1)
 
 
+@functools.partial(jax.jit, static_argnames=("metric", "chunk_size"))
 def assign(
     x: jax.Array, centroids: jax.Array, metric: str = "cosine", chunk_size: int = 65536
 ) -> jax.Array:
-    """Nearest centroid of each point.
+    """Nearest centroid of each point; compiled once per shape, metric and chunk size.
 
     Args:
       x: `[N, D]` points (normalised internally for cosine).
@@ -179,7 +180,8 @@ def kmeans_fit(
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if k > x.shape[0]:
         raise ValueError(f"k={k} clusters but only N={x.shape[0]} points")
-    # One call form for every entry point, so they share compiled executables.
+    # One call form for every entry point, so they share compiled executables: one per shape,
+    # dtype and static options.
     return _fit(key, x, weights, k, iters, metric, restarts, init, chunk_size)
 
 
@@ -205,19 +207,9 @@ def _fit(key, x, weights, k, iters, metric, restarts, init, chunk_size) -> KMean
     return KMeansResult(cents[best], assigns[best, :n], objs[best])
 
 
-def kmeans(
-    key: jax.Array,
-    x: jax.Array,
-    k: int,
-    *,
-    iters: int = 50,
-    metric: str = "cosine",
-    restarts: int = 1,
-    init: str = "k-means++",
-    weights: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """`kmeans_fit` returning only `(centroids [k, D], assignment int32 [N])` (DESIGN.md API)."""
-    res = kmeans_fit(
-        key, x, k, iters=iters, metric=metric, restarts=restarts, init=init, weights=weights
-    )
+def kmeans(key: jax.Array, x: jax.Array, k: int, **options) -> tuple[jax.Array, jax.Array]:
+    """`kmeans_fit(key, x, k, **options)` returning only `(centroids [k, D], assignment int32
+    [N])`; the same options (`iters`, `metric`, `restarts`, `init`, `weights`, `chunk_size`) and
+    the same compiled program."""
+    res = kmeans_fit(key, x, k, **options)
     return res.centroids, res.assignment

@@ -1,7 +1,16 @@
-"""STEGO losses as pure, jittable functions: bilinear point sampling, feature/code correlations,
-the correspondence-distillation loss, and the cluster- and linear-probe losses."""
+"""STEGO losses as pure functions: bilinear point sampling, feature/code correlations, the
+correspondence-distillation loss, and the cluster- and linear-probe losses.
+
+Each public function is compiled (`jax.jit`, options that set shapes or branches static), so a
+direct call runs one program per shape and options; inside a caller's jit or grad they trace
+as usual.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +20,31 @@ from stego_jax.ops import norm, upsample_bilinear
 Array = jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weight and shift (bias ``b``) of each of the three correspondence terms.
+
+    A pytree of six leaves: the values are traced (jit arguments), so other values reuse the
+    compiled loss, and they can be batched or differentiated (e.g. by a hyper-parameter sweep).
+    """
+
+    pos_intra_weight: float | Array
+    pos_inter_weight: float | Array
+    neg_inter_weight: float | Array
+    pos_intra_shift: float | Array
+    pos_inter_shift: float | Array
+    neg_inter_shift: float | Array
+
+    @classmethod
+    def from_config(cls, loss_config: Any) -> LossWeights:
+        """From ``config.loss`` (the ``<term>_weight`` / ``<term>_shift`` entries ``set_loss``
+        writes); numbers become Python floats, arrays (e.g. traced sweep values) are kept."""
+        value = lambda v: v if isinstance(v, jax.Array) else float(v)  # noqa: E731
+        return cls(**{f.name: value(loss_config[f.name]) for f in dataclasses.fields(cls)})
+
+
+@jax.jit
 def tensor_correlation(a: Array, b: Array) -> Array:
     """All-pairs dot products between two maps: ``a [B,H,W,C], b [B,I,J,C] -> [B,H,W,I,J]``."""
     return jnp.einsum("bhwc,bijc->bhwij", a, b)
@@ -48,6 +82,7 @@ def _sample(t: Array, coords: Array, batch_idx: Array | None = None) -> Array:
     return top * (1 - wy) + bottom * wy
 
 
+@jax.jit
 def sample(t: Array, coords: Array) -> Array:
     """Bilinear sampling of a feature map at continuous points, as the official STEGO `sample`.
 
@@ -69,6 +104,7 @@ def sample(t: Array, coords: Array) -> Array:
     return _sample(t, coords)
 
 
+@functools.partial(jax.jit, static_argnames=("pointwise", "zero_clamp", "stabilize"))
 def correspondence_term(
     f1: Array,
     f2: Array,
@@ -111,6 +147,7 @@ def correspondence_term(
     return loss, cd
 
 
+@functools.partial(jax.jit, static_argnames=("n",))
 def super_perm(key: Array, n: int) -> Array:
     """Random map of ``range(n)`` onto itself with no fixed points (official ``super_perm``).
 
@@ -125,6 +162,7 @@ def super_perm(key: Array, n: int) -> Array:
     return jnp.where(perm == ar, perm + 1, perm) % n
 
 
+@functools.partial(jax.jit, static_argnames=("pointwise", "zero_clamp", "stabilize"))
 def correspondence_loss_given_draws(
     feats: Array,
     feats_pos: Array,
@@ -133,13 +171,8 @@ def correspondence_loss_given_draws(
     coords1: Array,
     coords2: Array,
     neg_perms: Array,
+    weights: LossWeights,
     *,
-    pos_intra_weight: float,
-    pos_inter_weight: float,
-    neg_inter_weight: float,
-    pos_intra_shift: float,
-    pos_inter_shift: float,
-    neg_inter_shift: float,
     pointwise: bool = True,
     zero_clamp: bool = True,
     stabilize: bool = False,
@@ -151,6 +184,7 @@ def correspondence_loss_given_draws(
       code, code_pos: ``[B, h, w, K]`` their codes.
       coords1, coords2: ``[B, S, S, 2]`` sample points (see `sample`) for anchor and partner.
       neg_perms: int ``[N, B]``, one anchor-batch index map per negative draw.
+      weights: the terms' weights and shifts.
     Returns:
       ``(loss, aux)``: scalar total loss and a dict of scalar means of each term's loss and cd.
     """
@@ -163,8 +197,8 @@ def correspondence_loss_given_draws(
     fp_s = _sample(feats_pos, coords2)
     cp_s = _sample(code_pos, coords2)
 
-    intra_loss, intra_cd = term(f_s, f_s, c_s, c_s, pos_intra_shift)
-    inter_loss, inter_cd = term(f_s, fp_s, c_s, cp_s, pos_inter_shift)
+    intra_loss, intra_cd = term(f_s, f_s, c_s, c_s, weights.pos_intra_shift)
+    inter_loss, inter_cd = term(f_s, fp_s, c_s, cp_s, weights.pos_inter_shift)
 
     # All negative draws at once: row n*B + b reads anchor element neg_perms[n, b] at coords2[b];
     # gathering by index avoids materialising feats[perm] (N full feature maps).
@@ -175,7 +209,8 @@ def correspondence_loss_given_draws(
     cn_s = split(_sample(code, coords2_rep, idx))
     # vmap, not one big batch: with `pointwise` the global mean added back to F is per draw in the
     # official code (one helper call per draw), so draws must not share it.
-    neg_loss, neg_cd = jax.vmap(lambda fn, cn: term(f_s, fn, c_s, cn, neg_inter_shift))(fn_s, cn_s)
+    neg_term = lambda fn, cn: term(f_s, fn, c_s, cn, weights.neg_inter_shift)  # noqa: E731
+    neg_loss, neg_cd = jax.vmap(neg_term)(fn_s, cn_s)
 
     aux = {
         "pos_intra_loss": jnp.mean(intra_loss),
@@ -186,26 +221,25 @@ def correspondence_loss_given_draws(
         "neg_inter_cd": jnp.mean(neg_cd),
     }
     total = (
-        pos_inter_weight * aux["pos_inter_loss"]
-        + pos_intra_weight * aux["pos_intra_loss"]
-        + neg_inter_weight * aux["neg_inter_loss"]
+        weights.pos_inter_weight * aux["pos_inter_loss"]
+        + weights.pos_intra_weight * aux["pos_intra_loss"]
+        + weights.neg_inter_weight * aux["neg_inter_loss"]
     )
     return total, aux
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("feature_samples", "neg_samples", "pointwise", "zero_clamp", "stabilize"),
+)
 def stego_correspondence_loss(
     key: Array,
     feats: Array,
     feats_pos: Array,
     code: Array,
     code_pos: Array,
+    weights: LossWeights,
     *,
-    pos_intra_weight: float,
-    pos_inter_weight: float,
-    neg_inter_weight: float,
-    pos_intra_shift: float,
-    pos_inter_shift: float,
-    neg_inter_shift: float,
     feature_samples: int = 11,
     neg_samples: int = 5,
     pointwise: bool = True,
@@ -215,15 +249,17 @@ def stego_correspondence_loss(
     """The STEGO correspondence loss (official ``ContrastiveCorrelationLoss`` and its weighting).
 
     ``loss = pos_inter_weight * mean(L_knn) + pos_intra_weight * mean(L_self)
-    + neg_inter_weight * mean(L_neg)``: self term (anchor vs itself at the same S x S points),
-    KNN term (anchor vs its partner), and ``neg_samples`` random-negative terms, each pairing every
-    anchor with another element of the *anchor* batch (`super_perm`) sampled at the partner points.
-    The official multiplier ``correspondence_weight`` is left to the caller.
+    + neg_inter_weight * mean(L_neg)`` (weights from `LossWeights`): self term (anchor vs itself
+    at the same S x S points), KNN term (anchor vs its partner), and ``neg_samples``
+    random-negative terms, each pairing every anchor with another element of the *anchor* batch
+    (`super_perm`) sampled at the partner points. The official multiplier
+    ``correspondence_weight`` is left to the caller.
 
     Args:
       key: PRNG key; all draws (points and negative maps) derive from it deterministically.
       feats, feats_pos: ``[B, h, w, C]`` backbone features of the anchor and KNN images.
       code, code_pos: ``[B, h, w, K]`` head codes.
+      weights: the terms' weights and shifts (`LossWeights.from_config(config.loss)`).
       feature_samples: S, points per side of the random sample grid (S*S points per image).
       neg_samples: number of random-negative draws.
     Returns:
@@ -248,14 +284,12 @@ def stego_correspondence_loss(
     coords2 = jax.random.uniform(k2, shape, feats.dtype, -1.0, 1.0)
     neg_perms = jax.vmap(lambda k: super_perm(k, b))(jax.random.split(kn, neg_samples))
     return correspondence_loss_given_draws(
-        feats, feats_pos, code, code_pos, coords1, coords2, neg_perms,
-        pos_intra_weight=pos_intra_weight, pos_inter_weight=pos_inter_weight,
-        neg_inter_weight=neg_inter_weight, pos_intra_shift=pos_intra_shift,
-        pos_inter_shift=pos_inter_shift, neg_inter_shift=neg_inter_shift,
+        feats, feats_pos, code, code_pos, coords1, coords2, neg_perms, weights,
         pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize,
     )
 
 
+@jax.jit
 def cluster_probe_loss(cos: Array) -> Array:
     """Hard-assignment cosine k-means loss (official ``ClusterLookup`` with ``alpha=None``).
 
@@ -269,6 +303,7 @@ def cluster_probe_loss(cos: Array) -> Array:
     return -jnp.mean(best)
 
 
+@functools.partial(jax.jit, static_argnames=("n_classes",))
 def linear_probe_loss(logits: Array, labels: Array, n_classes: int) -> Array:
     """Cross-entropy of the linear probe on the valid pixels (official linear-probe loss).
 

@@ -3,6 +3,7 @@ host, mIoU and pixel accuracy with the semantics of the official STEGO `Unsuperv
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 
+@functools.partial(jax.jit, static_argnames=("n_classes", "n_clusters"))
 def confusion(
     preds: jax.Array,
     labels: jax.Array,
@@ -38,7 +40,8 @@ def confusion(
     pixels that fall in clusters with ids `>= n_classes` are silently excluded from both mIoU and
     accuracy (the denominator too), and the extra clusters can never be matched to a class
     except through ties of zero rows. Reproduced on purpose so numbers compare with the paper.
-    Jittable (`n_classes`, `n_clusters` static).
+    Compiled once per input shape and (`n_classes`, `n_clusters`), which are static;
+    `ignore_index` is an argument.
     """
     n_clusters = n_classes if n_clusters is None else n_clusters
     if n_clusters < n_classes:

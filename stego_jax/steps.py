@@ -27,10 +27,7 @@ def loss_fn(params, batch, key, config, modules):
                                      rngs={"dropout": k_drop_pos})
     lc = config.loss
     corr, aux = losses.stego_correspondence_loss(
-        k_loss, feats, feats_pos, code, code_pos,
-        pos_intra_weight=lc.pos_intra_weight, pos_inter_weight=lc.pos_inter_weight,
-        neg_inter_weight=lc.neg_inter_weight, pos_intra_shift=lc.pos_intra_shift,
-        pos_inter_shift=lc.pos_inter_shift, neg_inter_shift=lc.neg_inter_shift,
+        k_loss, feats, feats_pos, code, code_pos, losses.LossWeights.from_config(lc),
         feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
         pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabilize=lc.stabilize,
     )

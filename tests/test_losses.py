@@ -14,6 +14,7 @@ WEIGHTS = dict(
     pos_intra_weight=0.67, pos_inter_weight=0.25, neg_inter_weight=0.63,
     pos_intra_shift=0.18, pos_inter_shift=0.12, neg_inter_shift=0.46,
 )
+LOSS_WEIGHTS = losses.LossWeights(**WEIGHTS)
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -227,7 +228,7 @@ def _full_inputs(seed=4, B=3, hw=(4, 5), C=6, K=4, S=3, n_neg=2):
 def test_full_loss_given_draws_matches_numpy(flags):
     args = _full_inputs()
     jargs = [jnp.asarray(a, jnp.float32) for a in args[:6]] + [jnp.asarray(args[6], jnp.int32)]
-    fn = jax.jit(lambda *a: losses.correspondence_loss_given_draws(*a, **WEIGHTS, **flags))
+    fn = jax.jit(lambda *a: losses.correspondence_loss_given_draws(*a, LOSS_WEIGHTS, **flags))
     total, aux = fn(*jargs)
     ref_total, ref_aux = np_full_loss(*args, WEIGHTS, **flags)
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-4, atol=1e-6)
@@ -240,7 +241,7 @@ def test_full_loss_given_draws_matches_numpy(flags):
 def test_stego_loss_random_draws_deterministic_and_checked():
     feats, feats_pos, code, code_pos = [jnp.asarray(a, jnp.float32) for a in _full_inputs()[:4]]
     fn = jax.jit(lambda k, c: losses.stego_correspondence_loss(
-        k, feats, feats_pos, c, code_pos, **WEIGHTS, feature_samples=3, neg_samples=2))
+        k, feats, feats_pos, c, code_pos, LOSS_WEIGHTS, feature_samples=3, neg_samples=2))
     l1, aux = fn(jax.random.key(0), code)
     l2, _ = fn(jax.random.key(0), code)
     l3, _ = fn(jax.random.key(1), code)
@@ -248,10 +249,10 @@ def test_stego_loss_random_draws_deterministic_and_checked():
     assert all(v.shape == () for v in aux.values())
     with pytest.raises(ValueError, match="at least 2"):
         losses.stego_correspondence_loss(jax.random.key(0), feats[:1], feats_pos[:1], code[:1],
-                                         code_pos[:1], **WEIGHTS)
+                                         code_pos[:1], LOSS_WEIGHTS)
     with pytest.raises(ValueError, match=">= 1"):
         losses.stego_correspondence_loss(jax.random.key(0), feats, feats_pos, code, code_pos,
-                                         **WEIGHTS, neg_samples=0)
+                                         LOSS_WEIGHTS, neg_samples=0)
 
 
 def test_full_loss_gradient_matches_finite_differences_x64():
@@ -265,7 +266,7 @@ def test_full_loss_gradient_matches_finite_differences_x64():
         @functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
         def loss_and_grad(code, code_pos, feats):
             return losses.correspondence_loss_given_draws(
-                feats, f64(feats_pos), code, code_pos, f64(c1), f64(c2), perms, **WEIGHTS)[0]
+                feats, f64(feats_pos), code, code_pos, f64(c1), f64(c2), perms, LOSS_WEIGHTS)[0]
 
         loss = lambda *a: float(loss_and_grad(*a)[0])  # noqa: E731
         x, xp, f = f64(code), f64(code_pos), f64(feats)
