@@ -12,7 +12,7 @@ import scipy.io
 from PIL import Image
 
 from stego_jax.data import build_dataset, prepare, prepared
-from stego_jax.data.sources import CorruptFileError, RawLayoutError
+from stego_jax.data.sources import CorruptFileError, RawLayoutError, read_rgb
 
 RNG = np.random.default_rng(0)
 # Official COCO-Stuff-27 assignments of a few fine ids (`Coco.fine_to_coarse`, official `src/data.py`) used to
@@ -285,3 +285,25 @@ def test_prepare_missing_files_actionable(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 10
     assert manifest["splits"]["train"]["skipped"] == [f"{root}/images/train2017/{first}.jpg"]
+
+
+def save_with_orientation(path, arr, orientation):
+    """`arr` stored as-is with an EXIF orientation tag (how cameras save a turned photo)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, exif=exif)
+
+
+# What a viewer shows for each EXIF orientation of the stored pixels `a` (the EXIF 2.3 definitions).
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
+           8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_rgb_applies_exif_orientation(tmp_path, orientation):
+    stored = smooth_image(12, 20, 3)
+    path = str(tmp_path / "photo.png")
+    save_with_orientation(path, stored, orientation)
+    np.testing.assert_array_equal(read_rgb(path), UPRIGHT[orientation](stored))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from stego_jax.data import classes, synthetic
 
@@ -54,10 +54,12 @@ class Source(Protocol):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decode any PIL-readable image (grayscale, RGBA, CMYK, palette, 16-bit...) to uint8 RGB `[H, W, 3]`."""
+    """Decode any PIL-readable image (grayscale, RGBA, CMYK, palette, 16-bit...) to uint8 RGB `[H, W, 3]`,
+    turned upright by its EXIF orientation tag (training, evaluation and prediction all read through here)."""
     try:
         with Image.open(path) as im:
             im.load()
+            ImageOps.exif_transpose(im, in_place=True)  # upright, as viewers show it (EXIF orientation)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # PIL's convert("RGB") clips 16/32-bit grey at 255; rescale the real range instead.
                 arr = np.asarray(im, dtype=np.float64)
