@@ -12,7 +12,7 @@ import scipy.io
 from PIL import Image
 
 from stego_jax.data import build_dataset, prepare, prepared
-from stego_jax.data.sources import CorruptFileError, RawLayoutError, read_rgb
+from stego_jax.data.sources import CorruptFileError, RawLayoutError, image_size, read_rgb
 
 RNG = np.random.default_rng(0)
 # Official COCO-Stuff-27 assignments of a few fine ids (`Coco.fine_to_coarse`, official `src/data.py`) used to
@@ -307,3 +307,30 @@ def test_read_rgb_applies_exif_orientation(tmp_path, orientation):
     path = str(tmp_path / "photo.png")
     save_with_orientation(path, stored, orientation)
     np.testing.assert_array_equal(read_rgb(path), UPRIGHT[orientation](stored))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+def test_labels_turn_with_their_exif_oriented_image(tmp_path, orientation):
+    """A labelled image with an EXIF orientation: image and label are turned alike, so every pixel keeps its
+    class (the label file is on the stored pixel grid)."""
+    root = tmp_path / "mine"
+    stored = smooth_image(30, 40, 2)
+    label = (stored[..., 0] > 128).astype(np.uint8) + 2 * (np.arange(40)[None, :] > 30)
+    save_with_orientation(f"{root}/imgs/train/a.png", stored, orientation)
+    save_img(f"{root}/labels/train/a.png", label.astype(np.uint8))
+    ds = build_dataset(config("image_folder", root, 24), "train")
+    image, lab = ds.source.load(0)
+    np.testing.assert_array_equal(image, UPRIGHT[orientation](stored))
+    np.testing.assert_array_equal(lab, UPRIGHT[orientation](label))
+    item = ds[0]  # the whole transform works on the aligned pair
+    assert item["image"].shape == (24, 24, 3) and item["label"].shape == (24, 24)
+
+
+def test_image_size_reads_the_header_upright_and_refuses_bombs(tmp_path, monkeypatch):
+    path = str(tmp_path / "p.png")
+    save_with_orientation(path, smooth_image(12, 20, 0), 6)
+    assert image_size(path) == (20, 12) == read_rgb(path).shape[:2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 240 pixels > 2 x 50: a decompression bomb
+    for reader in (image_size, read_rgb):
+        with pytest.raises(CorruptFileError, match="p.png.*DecompressionBomb"):
+            reader(path)

@@ -89,6 +89,49 @@ def read_label_png(path: str) -> np.ndarray:
         raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
 
 
+EXIF_ORIENTATION = 0x0112
+# The PIL transpose that turns stored pixels upright for each EXIF orientation (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _header(path: str) -> tuple[int, int, int]:
+    """`(height, width, EXIF orientation)` of the stored pixels, from the file's header only."""
+    try:
+        with Image.open(path) as im:
+            try:
+                orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+            except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+                orientation = 1  # unreadable EXIF: the pixels as stored (what exif_transpose does then too)
+            return im.size[1], im.size[0], orientation
+    except FileNotFoundError:
+        raise CorruptFileError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
+
+
+def image_orientation(path: str) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when it has none)."""
+    return _header(path)[2]
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """`(height, width)` of an image as `read_rgb` returns it (upright), from the header alone: no pixels
+    are decoded. Raises `CorruptFileError` for unreadable files and decompression bombs (more pixels than
+    PIL's `Image.MAX_IMAGE_PIXELS` allows)."""
+    h, w, orientation = _header(path)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def orient_like_image(label: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a label map stored on its image's pixel grid the way `read_rgb` turns the image upright."""
+    if orientation not in _UPRIGHT:
+        return label
+    turned = Image.fromarray(np.ascontiguousarray(label, dtype=np.int32)).transpose(_UPRIGHT[orientation])
+    return np.asarray(turned, dtype=np.int32)
+
+
 def require_files(paths: Sequence[str], dataset: str, root: str, hint: str) -> None:
     """Raise `RawLayoutError` listing the missing `paths` (first five) followed by `hint`."""
     missing = [p for p in paths if not os.path.exists(p)]
@@ -119,7 +162,9 @@ class PairedFileSource:
         label_path = self.label_paths[index]
         if label_path is None:
             return image, np.full(image.shape[:2], -1, np.int32)
-        label = read_label_png(label_path)
+        # Label files are drawn on the image's stored pixel grid (COCO, Cityscapes): the turn read_rgb gives
+        # the image by its EXIF orientation is given to the label too, so the two stay aligned.
+        label = orient_like_image(read_label_png(label_path), image_orientation(self.image_paths[index]))
         if label.shape != image.shape[:2]:
             raise CorruptFileError(label_path, f"label size {label.shape} differs from image size "
                                                f"{image.shape[:2]} of {self.image_paths[index]}")
