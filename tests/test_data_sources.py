@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from stego_jax.data import build_dataset, prepare, prepared
+from stego_jax.data import build_dataset, prepare, prepared, sources
 from stego_jax.data.sources import CorruptFileError, RawLayoutError, image_size, read_rgb
 
 RNG = np.random.default_rng(0)
@@ -334,3 +334,70 @@ def test_image_size_reads_the_header_upright_and_refuses_bombs(tmp_path, monkeyp
     for reader in (image_size, read_rgb):
         with pytest.raises(CorruptFileError, match="p.png.*DecompressionBomb"):
             reader(path)
+
+
+def test_label_values_beyond_n_classes_warn_once(tmp_path, caplog):
+    root = tmp_path / "mine"
+    for k, stem in enumerate("abc"):
+        save_img(f"{root}/imgs/val/{stem}.png", smooth_image(20, 20, k))
+        lab = np.full((20, 20), k, np.uint8)
+        lab[5:15, 5:15] = 255 if stem != "a" else 1  # 255: a common "ignore" value, not a class id here
+        save_img(f"{root}/labels/val/{stem}.png", lab)
+    ds = build_dataset(config("image_folder", root, 16, n_classes=5), "val")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+    warned = [r.getMessage() for r in caplog.records if "n_classes" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "image_folder" in warned[0] and "split val" in warned[0] and "255" in warned[0]
+    assert "n_classes=5" in warned[0] and "b.png" in warned[0]
+    caplog.clear()
+    ds = build_dataset(config("image_folder", root, 16, n_classes=256), "val")
+    with caplog.at_level(logging.WARNING):
+        [ds[i] for i in range(len(ds))]
+    assert not [r for r in caplog.records if "n_classes" in r.getMessage()]
+
+
+def test_skip_corrupt_counts_each_validation_image_once(tmp_path, caplog):
+    """Validation never stands in another image for an unreadable one: that image would be counted twice.
+    The unreadable item has all labels ignored; training still replaces it by the next readable item."""
+    root = make_coco(tmp_path / "cocostuff", n_train=3, n_val=3)
+    cfg = config("cocostuff27", root, 32)
+    cfg.data.skip_corrupt = True
+    good = build_dataset(cfg, "val")
+    readable = [good[i] for i in range(len(good))]
+    for split, subdir in (("val", "val2017"), ("train", "train2017")):
+        ds = build_dataset(cfg, split)
+        with open(f"{root}/images/{subdir}/{ds.ids[1]}.jpg", "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    val = build_dataset(cfg, "val")
+    with caplog.at_level(logging.WARNING):
+        items = [val[i] for i in range(len(val))]
+    assert [it["id"] for it in items] == val.ids  # each image once, in order
+    assert (items[1]["label"] == -1).all()  # the unreadable one counts nothing
+    for k in (0, 2):
+        np.testing.assert_array_equal(items[k]["label"], readable[k]["label"])
+        np.testing.assert_array_equal(items[k]["image"], readable[k]["image"])
+    counted = sum(int((it["label"] >= 0).sum()) for it in items)
+    assert counted == sum(int((readable[k]["label"] >= 0).sum()) for k in (0, 2))
+    assert val.skipped == 1
+    train = build_dataset(cfg, "train")
+    assert train[1]["id"] == train.ids[2]  # training: replaced by the next readable item
+
+
+def test_has_labels_tells_unlabelled_training_data(tmp_path):
+    root = tmp_path / "mine"
+    save_img(f"{root}/imgs/train/a.png", smooth_image(20, 20, 0))
+    assert build_dataset(config("image_folder", root, 16), "train").has_labels is False
+    save_img(f"{root}/labels/train/a.png", np.zeros((20, 20), np.uint8))
+    assert build_dataset(config("image_folder", root, 16), "train").has_labels is True
+    coco = make_coco(tmp_path / "cocostuff")
+    assert build_dataset(config("cocostuff27", coco, 16), "train").has_labels is True
+    unlabelled = tmp_path / "unlabelled"
+    save_img(f"{unlabelled}/imgs/train/a.png", smooth_image(20, 20, 0))
+    for src_root, want in ((unlabelled, False), (root, True)):
+        out = tmp_path / f"prepared_{want}"
+        prepared.write_split(sources.image_folder_source(str(src_root), "train"), str(out), "train", crop=None,
+                             dataset="image_folder")
+        assert build_dataset(config("image_folder", out, 16), "train").has_labels is want

@@ -157,6 +157,11 @@ class PairedFileSource:
     def describe(self, index: int) -> str:
         return self.image_paths[index]
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any image has a label file (an image folder without `labels/` has none)."""
+        return any(p is not None for p in self.label_paths)
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_rgb(self.image_paths[index])
         label_path = self.label_paths[index]
@@ -274,6 +279,11 @@ class PotsdamSource:
     def describe(self, index: int) -> str:
         return os.path.join(self.root, "imgs", self.ids[index] + ".mat")
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any tile has a `gt/<id>.mat` (the unlabelled splits have none)."""
+        return any(os.path.exists(os.path.join(self.root, "gt", i + ".mat")) for i in self.ids)
+
     def _loadmat(self, path: str, key: str) -> np.ndarray:
         import scipy.io
 
@@ -355,6 +365,10 @@ class ArraySource:
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(np.any(np.asarray(self.labels) >= 0))
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.images[index], self.labels[index]
