@@ -38,6 +38,42 @@ def test_evaluate_writes_tables_consistent_with_confusions(run):
         assert r["mIoU"] == pytest.approx(np.nanmean(iou))
     md = open(os.path.join(out, "results.md")).read()
     assert f"| cluster | {res['cluster']['Accuracy']:.2f} | {res['cluster']['mIoU']:.2f} |" in md
+    # the evaluated checkpoint is named: the run's best (the one step kept under best/)
+    best = [int(n) for n in os.listdir(os.path.join(d, "best")) if n.isdigit()]
+    assert len(best) == 1
+    assert saved["checkpoint"] == {"step": best[0], "which": "best"}
+    assert f"Checkpoint: step {best[0]} (the best checkpoint" in md
+    assert res["linear"]["trained"] is True and "not trained" not in md
+
+
+def test_evaluate_marks_linear_probe_not_trained_without_training_labels(run, tmp_path):
+    """A run whose training images have no labels (an image folder without labels/): its linear probe never
+    saw a label, so the tables say "not trained" instead of its numbers."""
+    d, cfg, _ = run
+    root = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "imgs" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(root / "imgs" / split / f"{i}.png")
+    (root / "labels" / "val").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, cfg.data.n_classes, (32, 32), np.uint8)).save(
+            root / "labels" / "val" / f"{i}.png")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.name, cfg.data.root = "image_folder", str(root)
+    cfg.eval.flip = False
+    out = tmp_path / "eval"
+    res = evaluate.evaluate(cfg, d, out_dir=str(out), quiet=True)
+    assert res["linear"]["trained"] is False and "trained" not in res["cluster"]
+    saved = json.load(open(out / "results.json"))
+    assert saved["results"]["linear"]["trained"] is False
+    md = (out / "results.md").read_text()
+    assert (f"| cluster | {res['cluster']['Accuracy']:.2f} | {res['cluster']['mIoU']:.2f} | not trained | "
+            f"not trained |") in md
+    assert "the training split has no labels" in md
+    assert "not trained" in (out / "results.csv").read_text()
+    assert not (out / "confusion_linear.png").exists()
 
 
 def reference_cluster_cos(d, cfg):
