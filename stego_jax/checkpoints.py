@@ -13,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -223,8 +223,14 @@ def _abstract_state(config, feat_dim: int, mesh):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
 
 
-def restore_run(workdir: str, config, feat_dim: int, which: str = "best", mesh=None) -> tuple[int, PyTree]:
-    """(step, params) of a finished run: the best checkpoint if there is one, else the newest
+class Restored(NamedTuple):
+    step: int
+    params: PyTree
+    kind: str  # "best" or "checkpoints" (the last K)
+
+
+def restore_run(workdir: str, config, feat_dim: int, which: str = "best", mesh=None) -> Restored:
+    """(step, params, kind) of a finished run: the best checkpoint if there is one, else the newest
     intact one of the last K, replicated over `mesh` (default: all devices of all processes);
     every candidate is verified first (see `Checkpoints`).
 
@@ -234,12 +240,12 @@ def restore_run(workdir: str, config, feat_dim: int, which: str = "best", mesh=N
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
     kinds = ("best", "checkpoints") if which == "best" else ("checkpoints",)
     try:
-        _, step, state = ckpts.restore_newest_intact(_abstract_state(config, feat_dim, mesh), kinds)
+        kind, step, state = ckpts.restore_newest_intact(_abstract_state(config, feat_dim, mesh), kinds)
     finally:
         ckpts.close()
-    return step, state["params"]
+    return Restored(step, state["params"], kind)
 
 
 def restore_params(workdir: str, config, feat_dim: int, which: str = "best", mesh=None) -> PyTree:
     """The parameters of `restore_run`."""
-    return restore_run(workdir, config, feat_dim, which, mesh)[1]
+    return restore_run(workdir, config, feat_dim, which, mesh).params

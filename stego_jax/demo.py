@@ -79,7 +79,7 @@ def run(config, workdir: str, seeds: int, devices: list | None = None) -> dict:
         d = os.path.join(workdir, f"seed{s}")
         print(f"== training seed {s} -> {d}", flush=True)
         result = train_and_evaluate(cfg, d, devices)
-        ev = evaluate(cfg, d, params=result["params"], quiet=True, devices=devices)
+        ev = evaluate(cfg, d, params=result["params"], step=result["step"], quiet=True, devices=devices)
         per_seed.append({k: {"mIoU": v["mIoU"], "Accuracy": v["Accuracy"]} for k, v in ev.items()})
     base = baselines(config, os.path.join(workdir, "seed0"))
     elapsed = time.time() - t0

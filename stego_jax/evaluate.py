@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stego_jax import crf as crf_lib
 from stego_jax import kmeans as kmeans_lib
 from stego_jax import cli, metrics, parallel, viz
-from stego_jax.checkpoints import restore_params
+from stego_jax.checkpoints import restore_run
 from stego_jax.config import eval_config, validate
 from stego_jax.data import build_dataset
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, round_up, run_featurizer
@@ -73,8 +73,13 @@ def train_code_sample(config, code_fn, fparams, head_params, mesh, max_pixels: i
 
 
 def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str | None = None,
-             quiet: bool = False, devices: list | None = None) -> dict:
+             quiet: bool = False, devices: list | None = None, step: int | None = None) -> dict:
     """Evaluate a trained run; writes the result files to `out_dir` (default workdir).
+
+    Without `params`, the run's best checkpoint (else its last) is restored and its step named in the
+    results; with `params`, `step` says which step they are (unnamed when None). The linear-probe entries
+    carry `"trained": False` when the training split has no labels at all (an unlabelled image folder):
+    that probe never saw a label, so its numbers mean nothing and the tables say "not trained".
 
     `devices` defaults to all devices of all processes. The run's own `config.json` is the
     config: `config` may change only evaluation fields (see `run_config.config_of_run`)."""
@@ -85,8 +90,12 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
     mesh = parallel.make_mesh(devices)
     featurizer = featurizer or run_featurizer(config, workdir)
     modules = build_modules(config)
+    checkpoint = {"step": step, "which": "given"}
     if params is None:
-        params = restore_params(workdir, config, featurizer.dim)
+        restored = restore_run(workdir, config, featurizer.dim)
+        params = restored.params
+        checkpoint = {"step": restored.step, "which": "best" if restored.kind == "best" else "last"}
+    linear_trained = build_dataset(config, "train").has_labels is not False
     featurize = make_featurize(featurizer, mesh)
     code_fn = make_code_fn(modules, featurize, config.eval.flip)
     heads = make_heads_fn(modules)
@@ -141,36 +150,68 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
                       "iou": [float(v) for v in r["iou"]],
                       "assignment": np.asarray(r["assignment"]).tolist()}
     results["kmeans"]["objective"] = float(km.objective)
-    write_results(config, results, conf, overlays, out_dir)
+    for k in results:
+        if k.startswith("linear"):
+            results[k]["trained"] = linear_trained
+    write_results(config, results, conf, overlays, out_dir, checkpoint=checkpoint)
     if not quiet:
         print(open(os.path.join(out_dir, "results.md")).read())
     return results
 
 
-def write_results(config, results: dict, conf: dict, overlays: list, out_dir: str) -> None:
+def _checkpoint_line(checkpoint: dict | None) -> str:
+    if not checkpoint or checkpoint.get("step") is None:
+        return "Checkpoint: parameters given by the caller, step not stated"
+    which = {"best": "the best checkpoint (validation cluster mIoU)", "last": "the last checkpoint",
+             "given": "parameters given by the caller"}.get(checkpoint.get("which"), checkpoint.get("which"))
+    return f"Checkpoint: step {checkpoint['step']} ({which})"
+
+
+def write_results(config, results: dict, conf: dict, overlays: list, out_dir: str,
+                  checkpoint: dict | None = None) -> None:
+    """results.{json,csv,md}, the linear probe's confusion PNG (when it was trained) and the overlays.
+
+    `checkpoint` (`{"step", "which"}`) names the evaluated parameters; a linear entry with
+    `"trained": False` is shown as "not trained" instead of numbers."""
     names = viz.class_names(config)
+
+    def trained(k: str) -> bool:
+        return results[k].get("trained", True) is not False
+
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"classes": names, "results": results}, f, indent=2)
+        json.dump({"classes": names, "checkpoint": checkpoint or {"step": None, "which": "given"},
+                   "results": results}, f, indent=2)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "Accuracy", "mIoU"] + names)
         for k, r in results.items():
-            w.writerow([k, f"{r['Accuracy']:.2f}", f"{r['mIoU']:.2f}"] + [f"{v:.2f}" for v in r["iou"]])
+            if trained(k):
+                w.writerow([k, f"{r['Accuracy']:.2f}", f"{r['mIoU']:.2f}"] + [f"{v:.2f}" for v in r["iou"]])
+            else:
+                w.writerow([k, "not trained", "not trained"] + ["" for _ in r["iou"]])
     unsup = [k for k in results if not k.startswith("linear")]
     lines = [f"# Results: {config.data.name}, {config.model.featurizer} ({config.model.backbone})", "",
+             _checkpoint_line(checkpoint), "",
              "| method | Unsup. Acc | Unsup. mIoU | Linear Acc | Linear mIoU |", "|---|---:|---:|---:|---:|"]
     for k in unsup:
         lk = k.replace("cluster", "linear") if k.startswith("cluster") else None
         lin = results.get(lk) if lk else None
-        lines.append(f"| {k} | {results[k]['Accuracy']:.2f} | {results[k]['mIoU']:.2f} | "
-                     + (f"{lin['Accuracy']:.2f} | {lin['mIoU']:.2f} |" if lin else "– | – |"))
+        if lin and not trained(lk):
+            linear = "not trained | not trained |"
+        else:
+            linear = f"{lin['Accuracy']:.2f} | {lin['mIoU']:.2f} |" if lin else "– | – |"
+        lines.append(f"| {k} | {results[k]['Accuracy']:.2f} | {results[k]['mIoU']:.2f} | " + linear)
+    if any(not trained(k) for k in results):
+        lines += ["", "The linear probe is not trained: the training split has no labels."]
     lines += ["", "Per-class IoU (%):", "", "| class | " + " | ".join(results) + " |",
               "|---|" + "---:|" * len(results)]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(f"{results[k]['iou'][i]:.1f}" for k in results) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{results[k]['iou'][i]:.1f}" if trained(k) else "–"
+                                                 for k in results) + " |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    viz.save_confusion_png(conf["linear"], names, os.path.join(out_dir, "confusion_linear.png"))
+    if trained("linear"):
+        viz.save_confusion_png(conf["linear"], names, os.path.join(out_dir, "confusion_linear.png"))
     viz.save_overlays(overlays, results, out_dir)
 
 

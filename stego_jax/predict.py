@@ -1,10 +1,20 @@
 """Inference on a folder of images: `python -m stego_jax.predict --workdir RUN --images DIR --out DIR`.
 
-Each image (any size, any PIL mode) is resized so its short side is `eval.res` (aspect kept,
-sides rounded down to whole patches), segmented with flip-averaged codes, the cluster probe
-(or the linear probe) and optionally the dense CRF, and the label map is resized back to the
-original size (nearest). Writes palette PNGs (`labels/`) and overlays with a legend
-(`overlays/`). Unreadable files are reported by name and skipped; the rest are processed.
+Each image (any size, any PIL mode, 16-bit grey included, turned upright by its EXIF orientation) is
+resized to a working size, segmented with flip-averaged codes, the cluster probe (or the linear probe)
+and optionally the dense CRF, and the label map is resized back to the image's own size (nearest).
+Writes palette PNGs (`labels/<stem>.png`), overlays with a legend (`overlays/<stem>.png`) and
+`summary.json` (what was written where, what failed and why).
+
+Working size (bounded work per image): the short side becomes `eval.res`, the long side at most
+`4 * eval.res` (a wider image is scaled down until its long side fits, so its short side ends below
+`eval.res`); both sides are rounded down to whole patches. Images whose aspect ratio exceeds 8:1 are
+skipped: crop or split them first.
+
+Skipped and reported by name (the rest are written): unreadable files, decompression bombs (more pixels
+than PIL's `Image.MAX_IMAGE_PIXELS` allows) and images beyond the aspect cap. When several inputs share
+a stem (`x.jpg`, `x.png`), their outputs keep the whole file name (`x.jpg.png`, `x.png.png`).
+Exit status 2 when any input failed, with a line "N of M images failed: ..." on stderr; 0 otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from stego_jax import crf as crf_lib
 from stego_jax import cli, parallel, viz
 from stego_jax.checkpoints import restore_params
 from stego_jax.config import validate
-from stego_jax.data.sources import read_rgb
+from stego_jax.data.sources import CorruptFileError, image_size, read_rgb
 from stego_jax.featurize import make_code_fn, make_featurize, pad_rows, run_featurizer
 from stego_jax.model import build_modules, probe_outputs
 from stego_jax.run_config import load_run_config
@@ -40,10 +50,22 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in files]
 
 
-def working_size(h: int, w: int, res: int, patch: int) -> tuple[int, int]:
-    """Short side -> res, aspect kept, both sides floored to a multiple of the patch size."""
-    s = res / min(h, w)
+MAX_LONG_SIDE = 4  # the working size's long side is at most this many times eval.res
+MAX_ASPECT = 8.0  # images longer than this many times their width (or wider than their height) are skipped
+
+
+def working_size(h: int, w: int, res: int, patch: int, max_long: int | None = None) -> tuple[int, int]:
+    """Short side -> res, aspect kept, the long side at most `max_long` (default `MAX_LONG_SIDE * res`;
+    a longer image is scaled so its long side fits), both sides floored to a multiple of the patch size."""
+    max_long = MAX_LONG_SIDE * res if max_long is None else max_long
+    s = min(res / min(h, w), max_long / max(h, w))
     return max(patch, int(h * s) // patch * patch), max(patch, int(w * s) // patch * patch)
+
+
+def output_names(files: list[str]) -> dict[str, str]:
+    """Output name (without `.png`) of each input: its stem, or its whole file name where stems collide."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    return {f: stem if stems.count(stem) == 1 else os.path.basename(f) for f, stem in zip(files, stems)}
 
 
 def resize(img: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
@@ -71,34 +93,54 @@ def legend_names(workdir: str, config, use_linear: bool) -> tuple[list[str], np.
     return [f"cluster {i}" for i in range(n_clusters)], None
 
 
-def _load_images(files: list[str], res: int, patch: int, failed: dict) -> dict[tuple, list]:
-    """Readable images grouped by working size; unreadable ones reported by name into `failed`."""
-    loaded: dict[tuple, list] = defaultdict(list)
+def _fail(failed: dict, path: str, reason: str) -> None:
+    failed[path] = reason
+    print(f"skipping {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def _plan(files: list[str], res: int, patch: int, failed: dict) -> dict[tuple, list[str]]:
+    """Inputs grouped by working size, from their headers alone (no pixels decoded); files that cannot be
+    opened, decompression bombs and images beyond the aspect cap go into `failed`, by name."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
     for path in files:
         try:
-            img = read_rgb(path)
-        except ValueError as e:
-            failed[path] = str(e)
-            print(f"skipping {path}: {e}", file=sys.stderr, flush=True)
+            h, w = image_size(path)
+        except CorruptFileError as e:
+            _fail(failed, path, str(e))
             continue
-        loaded[working_size(img.shape[0], img.shape[1], res, patch)].append((path, img))
-    return loaded
+        if max(h, w) > MAX_ASPECT * min(h, w):
+            _fail(failed, path, f"{w}x{h} pixels: aspect ratio {max(h, w) / max(min(h, w), 1):.0f}:1 exceeds "
+                                f"{MAX_ASPECT:.0f}:1; crop or split the image")
+            continue
+        groups[working_size(h, w, res, patch)].append(path)
+    return groups
 
 
-def _write(path: str, img: np.ndarray, pred: np.ndarray, lut, names: list[str], out_dir: str) -> None:
+def _read(paths: list[str], failed: dict) -> list[tuple[str, np.ndarray]]:
+    """The readable images of `paths`; the others go into `failed`, by name."""
+    out = []
+    for path in paths:
+        try:
+            out.append((path, read_rgb(path)))
+        except CorruptFileError as e:
+            _fail(failed, path, str(e))
+    return out
+
+
+def _write(img: np.ndarray, pred: np.ndarray, lut, names: list[str], out_dir: str, name: str) -> None:
     """Label map at working size -> palette PNG and overlay at the image's own size."""
     p = pred.astype(np.int64)
     if lut is not None:
         p = lut[p]
-    full = resize(p.astype(np.int32), img.shape[:2], nearest=True).astype(np.int64)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    viz.save_label_png(full, os.path.join(out_dir, "labels", stem + ".png"))
-    Image.fromarray(viz.overlay(img, full, names)).save(os.path.join(out_dir, "overlays", stem + ".png"))
+    full = resize(p.astype(np.int32), img.shape[:2], nearest=True).astype(np.int16)
+    viz.save_label_png(full, os.path.join(out_dir, "labels", name + ".png"))
+    Image.fromarray(viz.overlay(img, full, names)).save(os.path.join(out_dir, "overlays", name + ".png"))
 
 
 def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | None = None,
                    use_linear: bool = False, batch_size: int = 8, quiet: bool = False) -> dict:
-    """Segment every image in `images_dir`; returns {"written": [...], "failed": {path: error}}."""
+    """Segment every image in `images_dir` (see the module docstring for sizes, names and skips);
+    returns {"written": [...], "failed": {path: reason}, "outputs": {path: output name}}."""
     config = load_run_config(workdir)
     validate(config)
     crf = bool(config.eval.crf) if crf is None else crf
@@ -117,15 +159,21 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
 
     os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+    files = list_images(images_dir)
+    out_names = output_names(files)
     failed: dict[str, str] = {}
-    loaded = _load_images(list_images(images_dir), config.eval.res, featurizer.patch_size, failed)
+    groups = _plan(files, config.eval.res, featurizer.patch_size, failed)
     written = []
-    bar = tqdm(total=sum(len(v) for v in loaded.values()), disable=quiet, desc="predict")
-    for hw, items in loaded.items():  # one compiled shape per working size
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
+    bar = tqdm(total=sum(len(v) for v in groups.values()), disable=quiet, desc="predict")
+    for hw, paths in groups.items():  # one compiled shape per working size
+        for i in range(0, len(paths), batch_size):
+            batch = paths[i:i + batch_size]
+            chunk = _read(batch, failed)  # only one batch of full-size images in memory at a time
+            bar.update(len(batch) - len(chunk))
+            if not chunk:
+                continue
             small = np.stack([resize(img, hw) for _, img in chunk])
-            if len(items) > batch_size:  # several batches of this size: one padded shape
+            if len(paths) > batch_size:  # several batches of this size: one padded shape
                 small = pad_rows(small, batch_size)
             c = code_fn(featurizer.params, params["head"], jnp.asarray(small))
             lg = np.asarray(logits_fn(params, c, jnp.zeros(small.shape[:3])))[:len(chunk)]
@@ -135,13 +183,18 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
             else:
                 pred = lg.argmax(-1)
             for (path, img), p in zip(chunk, pred):
-                _write(path, img, p, lut, names, out_dir)
+                _write(img, p, lut, names, out_dir, out_names[path])
                 written.append(path)
                 bar.update(1)
     bar.close()
-    summary = {"written": written, "failed": failed}
+    summary = {"written": written, "failed": {f: failed[f] for f in files if f in failed},
+               "outputs": {f: out_names[f] + ".png" for f in written}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    if failed:
+        listed = ", ".join(os.path.basename(f) for f in summary["failed"])
+        print(f"{len(failed)} of {len(files)} images failed: {listed} (reasons above and in "
+              f"{os.path.join(out_dir, 'summary.json')})", file=sys.stderr, flush=True)
     if not quiet:
         print(f"wrote {len(written)} label maps and overlays to {out_dir}; {len(failed)} file(s) skipped")
     return summary
@@ -165,7 +218,7 @@ def _main(fv, _) -> int:
     parallel.enable_compilation_cache()
     summary = predict_folder(fv.workdir, fv.images, fv.out, crf=fv.crf, use_linear=fv.linear,
                              batch_size=fv["batch-size"].value)
-    return 0 if summary["written"] or not summary["failed"] else 1
+    return 2 if summary["failed"] else 0
 
 
 def main(argv=None) -> int:

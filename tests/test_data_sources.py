@@ -11,8 +11,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from stego_jax.data import build_dataset, prepare, prepared
-from stego_jax.data.sources import CorruptFileError, RawLayoutError
+from stego_jax.data import build_dataset, prepare, prepared, sources
+from stego_jax.data.sources import CorruptFileError, RawLayoutError, image_size, read_rgb
 
 RNG = np.random.default_rng(0)
 # Official COCO-Stuff-27 assignments of a few fine ids (`Coco.fine_to_coarse`, official `src/data.py`) used to
@@ -285,3 +285,119 @@ def test_prepare_missing_files_actionable(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 10
     assert manifest["splits"]["train"]["skipped"] == [f"{root}/images/train2017/{first}.jpg"]
+
+
+def save_with_orientation(path, arr, orientation):
+    """`arr` stored as-is with an EXIF orientation tag (how cameras save a turned photo)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, exif=exif)
+
+
+# What a viewer shows for each EXIF orientation of the stored pixels `a` (the EXIF 2.3 definitions).
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
+           8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_rgb_applies_exif_orientation(tmp_path, orientation):
+    stored = smooth_image(12, 20, 3)
+    path = str(tmp_path / "photo.png")
+    save_with_orientation(path, stored, orientation)
+    np.testing.assert_array_equal(read_rgb(path), UPRIGHT[orientation](stored))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+def test_labels_turn_with_their_exif_oriented_image(tmp_path, orientation):
+    """A labelled image with an EXIF orientation: image and label are turned alike, so every pixel keeps its
+    class (the label file is on the stored pixel grid)."""
+    root = tmp_path / "mine"
+    stored = smooth_image(30, 40, 2)
+    label = (stored[..., 0] > 128).astype(np.uint8) + 2 * (np.arange(40)[None, :] > 30)
+    save_with_orientation(f"{root}/imgs/train/a.png", stored, orientation)
+    save_img(f"{root}/labels/train/a.png", label.astype(np.uint8))
+    ds = build_dataset(config("image_folder", root, 24), "train")
+    image, lab = ds.source.load(0)
+    np.testing.assert_array_equal(image, UPRIGHT[orientation](stored))
+    np.testing.assert_array_equal(lab, UPRIGHT[orientation](label))
+    item = ds[0]  # the whole transform works on the aligned pair
+    assert item["image"].shape == (24, 24, 3) and item["label"].shape == (24, 24)
+
+
+def test_image_size_reads_the_header_upright_and_refuses_bombs(tmp_path, monkeypatch):
+    path = str(tmp_path / "p.png")
+    save_with_orientation(path, smooth_image(12, 20, 0), 6)
+    assert image_size(path) == (20, 12) == read_rgb(path).shape[:2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 240 pixels > 2 x 50: a decompression bomb
+    for reader in (image_size, read_rgb):
+        with pytest.raises(CorruptFileError, match="p.png.*DecompressionBomb"):
+            reader(path)
+
+
+def test_label_values_beyond_n_classes_warn_once(tmp_path, caplog):
+    root = tmp_path / "mine"
+    for k, stem in enumerate("abc"):
+        save_img(f"{root}/imgs/val/{stem}.png", smooth_image(20, 20, k))
+        lab = np.full((20, 20), k, np.uint8)
+        lab[5:15, 5:15] = 255 if stem != "a" else 1  # 255: a common "ignore" value, not a class id here
+        save_img(f"{root}/labels/val/{stem}.png", lab)
+    ds = build_dataset(config("image_folder", root, 16, n_classes=5), "val")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+    warned = [r.getMessage() for r in caplog.records if "n_classes" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "image_folder" in warned[0] and "split val" in warned[0] and "255" in warned[0]
+    assert "n_classes=5" in warned[0] and "b.png" in warned[0]
+    caplog.clear()
+    ds = build_dataset(config("image_folder", root, 16, n_classes=256), "val")
+    with caplog.at_level(logging.WARNING):
+        [ds[i] for i in range(len(ds))]
+    assert not [r for r in caplog.records if "n_classes" in r.getMessage()]
+
+
+def test_skip_corrupt_counts_each_validation_image_once(tmp_path, caplog):
+    """Validation never stands in another image for an unreadable one: that image would be counted twice.
+    The unreadable item has all labels ignored; training still replaces it by the next readable item."""
+    root = make_coco(tmp_path / "cocostuff", n_train=3, n_val=3)
+    cfg = config("cocostuff27", root, 32)
+    cfg.data.skip_corrupt = True
+    good = build_dataset(cfg, "val")
+    readable = [good[i] for i in range(len(good))]
+    for split, subdir in (("val", "val2017"), ("train", "train2017")):
+        ds = build_dataset(cfg, split)
+        with open(f"{root}/images/{subdir}/{ds.ids[1]}.jpg", "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    val = build_dataset(cfg, "val")
+    with caplog.at_level(logging.WARNING):
+        items = [val[i] for i in range(len(val))]
+    assert [it["id"] for it in items] == val.ids  # each image once, in order
+    assert (items[1]["label"] == -1).all()  # the unreadable one counts nothing
+    for k in (0, 2):
+        np.testing.assert_array_equal(items[k]["label"], readable[k]["label"])
+        np.testing.assert_array_equal(items[k]["image"], readable[k]["image"])
+    counted = sum(int((it["label"] >= 0).sum()) for it in items)
+    assert counted == sum(int((readable[k]["label"] >= 0).sum()) for k in (0, 2))
+    assert val.skipped == 1
+    train = build_dataset(cfg, "train")
+    assert train[1]["id"] == train.ids[2]  # training: replaced by the next readable item
+
+
+def test_has_labels_tells_unlabelled_training_data(tmp_path):
+    root = tmp_path / "mine"
+    save_img(f"{root}/imgs/train/a.png", smooth_image(20, 20, 0))
+    assert build_dataset(config("image_folder", root, 16), "train").has_labels is False
+    save_img(f"{root}/labels/train/a.png", np.zeros((20, 20), np.uint8))
+    assert build_dataset(config("image_folder", root, 16), "train").has_labels is True
+    coco = make_coco(tmp_path / "cocostuff")
+    assert build_dataset(config("cocostuff27", coco, 16), "train").has_labels is True
+    unlabelled = tmp_path / "unlabelled"
+    save_img(f"{unlabelled}/imgs/train/a.png", smooth_image(20, 20, 0))
+    for src_root, want in ((unlabelled, False), (root, True)):
+        out = tmp_path / f"prepared_{want}"
+        prepared.write_split(sources.image_folder_source(str(src_root), "train"), str(out), "train", crop=None,
+                             dataset="image_folder")
+        assert build_dataset(config("image_folder", out, 16), "train").has_labels is want

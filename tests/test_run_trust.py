@@ -112,7 +112,7 @@ def test_damaged_checkpoints_fall_back_and_resume_exactly(finished_run, tmp_path
 
     _flip(_first_file(os.path.join(d, "checkpoints", "6")))
     with pytest.warns(UserWarning, match=r"checkpoints/6 is damaged \(.*differs from its checksum"):
-        step, _ = checkpoints.restore_run(d, tiny_config(), 46, which="last")
+        step = checkpoints.restore_run(d, tiny_config(), 46, which="last").step
     assert step == 3
 
     # Training resumes from the newest intact checkpoint; the damaged one is kept aside, and the
@@ -152,7 +152,7 @@ def test_nonfinite_params_are_damage_even_without_checksums(tmp_path):
 
     shutil.rmtree(os.path.join(d, "checksums"))
     with pytest.warns(UserWarning, match="loaded unverified"):
-        step, params = checkpoints.restore_run(d, tiny_config(num_steps=3), 46, which="last")
+        step, params, _ = checkpoints.restore_run(d, tiny_config(num_steps=3), 46, which="last")
     assert step == 3 and all(np.isfinite(x).all() for x in leaves(params))
 
 

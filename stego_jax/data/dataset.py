@@ -23,17 +23,27 @@ class Dataset:
     source image `i`, cut from the full-resolution image as the official `crop_datasets.py` (without its
     JPEG re-encoding; `prepare` reproduces that too).
 
-    Unreadable files raise `CorruptFileError` naming the file; with `skip_corrupt=True` item `i` is replaced
-    by the next readable item (i+1, i+2, ... wrapping), a warning names the file once, and the file is
-    counted in `skipped` / `stats`.
+    Unreadable files raise `CorruptFileError` naming the file; with `skip_corrupt=True` a warning names the
+    file once, the file is counted in `skipped` / `stats`, and item `i` is
+    - `corrupt="replace"` (training): replaced by the next readable item (i+1, i+2, ... wrapping);
+    - `corrupt="ignore"` (validation): a black image whose label is all -1, so the metrics count every
+      readable image once and the unreadable one not at all.
+
+    With `n_classes`, the first item holding a label value >= `n_classes` logs one warning naming the
+    dataset, the split, that value and `n_classes` (such pixels are ignored by the losses and metrics).
     """
 
     def __init__(self, source: Source, res: int, *, crop_type: str | None = None, crop_ratio: float = 0.5,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, corrupt: str = "replace", n_classes: int | None = None,
+                 split: str | None = None):
         if crop_type not in (None, "five"):
             raise ValueError(f"crop_type must be None or 'five', got {crop_type!r}")
+        if corrupt not in ("replace", "ignore"):
+            raise ValueError(f"corrupt must be 'replace' or 'ignore', got {corrupt!r}")
         self.source, self.res, self.crop_type, self.crop_ratio = source, int(res), crop_type, crop_ratio
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.corrupt = skip_corrupt, corrupt
+        self.n_classes, self.split = (int(n_classes) if n_classes else None), split
+        self._range_warned = False
         self.class_names: tuple[str, ...] = tuple(source.class_names)
         self.n_crops = 5 if crop_type == "five" else 1
         self.ids: list[str] = ([f"{i}/{n}" for i in source.ids for n in transforms.FIVE_CROP_NAMES]
@@ -57,6 +67,11 @@ class Dataset:
         with self._lock:
             return {"skipped": len(self._bad), "skipped_files": sorted(set(self._bad.values()))}
 
+    @property
+    def has_labels(self) -> bool | None:
+        """Whether any item can carry a label (False: an unlabelled image folder or split; None: unknown)."""
+        return getattr(self.source, "has_labels", None)
+
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Item `index` before the resize/crop: the full image, or its five-crop window."""
         if self.n_crops == 1:
@@ -73,6 +88,8 @@ class Dataset:
         for k in range(n):
             j = (index + k) % n
             if j in self._bad:
+                if self.corrupt == "ignore":
+                    return self._ignored(j)
                 continue
             try:
                 image, label = self.load_raw(j)
@@ -83,12 +100,36 @@ class Dataset:
                     first = j not in self._bad
                     self._bad[j] = e.path
                 if first:
-                    logging.warning("skipping unreadable item %d (%s): %s", j, e.path, e)
+                    logging.warning("skipping unreadable item %d (%s)%s: %s", j, e.path,
+                                    " (not counted)" if self.corrupt == "ignore" else "", e)
+                if self.corrupt == "ignore":
+                    return self._ignored(j)
                 continue
-            return {"image": transforms.official_transform(image, self.res, is_label=False),
-                    "label": transforms.official_transform(label, self.res, is_label=True).astype(np.int32),
+            label = transforms.official_transform(label, self.res, is_label=True).astype(np.int32)
+            self._check_range(label, j)
+            return {"image": transforms.official_transform(image, self.res, is_label=False), "label": label,
                     "id": self.ids[j]}
         raise CorruptFileError(self.source.describe(index), "every item of the dataset is unreadable")
+
+    def _ignored(self, j: int) -> dict[str, Any]:
+        """Stand-in for unreadable item `j` that no metric counts: black image, all labels -1."""
+        return {"image": np.zeros((self.res, self.res, 3), np.uint8),
+                "label": np.full((self.res, self.res), -1, np.int32), "id": self.ids[j]}
+
+    def _check_range(self, label: np.ndarray, j: int) -> None:
+        if self.n_classes is None or self._range_warned or not label.size:
+            return
+        top = int(label.max())
+        if top >= self.n_classes:
+            with self._lock:
+                if self._range_warned:
+                    return
+                self._range_warned = True
+            logging.warning(
+                "dataset %s, split %s: label value %d (first seen in %s) but data.n_classes=%d; pixels labelled "
+                ">= n_classes are ignored by the losses and metrics. Set config.data.n_classes to the number of "
+                "classes, or remap the label files (values 0..n_classes-1, -1 or any other value for ignore).",
+                self.source.name, self.split or "?", top, self.source.describe(j // self.n_crops), self.n_classes)
 
 
 def _cfg(data: Any, key: str, default: Any = None) -> Any:
@@ -153,6 +194,11 @@ def build_dataset(config: Any, split: str) -> Dataset:
         # The official validation/evaluation never crops: crop_type applies to training only.
         crop_type = None
     ratio = float(_cfg(data, "crop_ratio", 0.5))
+    # Training replaces an unreadable item by the next readable one; every other split must count each
+    # image once, so there an unreadable item becomes one that no metric counts.
+    common = dict(skip_corrupt=bool(_cfg(data, "skip_corrupt", False)),
+                  corrupt="replace" if split == "train" else "ignore",
+                  n_classes=_cfg(data, "n_classes"), split=split)
     root = _cfg(data, "root")
     if name != "synthetic" and prepared.has_manifest(root):
         source = prepared.PreparedSource(root, split)
@@ -162,9 +208,8 @@ def build_dataset(config: Any, split: str) -> Dataset:
         if source.crop != crop_type:
             raise ValueError(f"{root} holds crop={source.crop!r} data but config.data.crop_type={crop_type!r}; "
                              f"pass --config.data.crop_type={source.crop or 'none'} or point data.root at matching data")
-        return Dataset(source, int(res), skip_corrupt=bool(_cfg(data, "skip_corrupt", False)))
-    return Dataset(DATASETS[name](data, split), int(res), crop_type=crop_type, crop_ratio=ratio,
-                   skip_corrupt=bool(_cfg(data, "skip_corrupt", False)))
+        return Dataset(source, int(res), **common)
+    return Dataset(DATASETS[name](data, split), int(res), crop_type=crop_type, crop_ratio=ratio, **common)
 
 
 _CLASS_NAMES: dict[str, tuple[str, ...]] = {

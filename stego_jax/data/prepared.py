@@ -89,6 +89,7 @@ def write_split(source: Source, out_dir: str, split: str, *, crop: str | None = 
     os.makedirs(out_dir, exist_ok=True)
     fmt = "jpeg" if crop == "five" else "png"
     skipped: list[str] = []
+    labelled: list[bool] = []  # one True is enough: some record carries a label
 
     def work(i: int) -> list[tuple[str, bytes]] | None:
         try:
@@ -99,6 +100,8 @@ def write_split(source: Source, out_dir: str, split: str, *, crop: str | None = 
             logging.warning("prepare: skipping unreadable %s (%s)", e.path, e)
             skipped.append(e.path)
             return None
+        if not labelled and label.size and int(label.max()) >= 0:
+            labelled.append(True)
         return [(source.ids[i] + suffix,
                  msgpack.packb({"id": source.ids[i] + suffix, "image": encode_image(img, fmt, jpeg_quality),
                                 "label": encode_label(lab)}, use_bin_type=True))
@@ -124,7 +127,7 @@ def write_split(source: Source, out_dir: str, split: str, *, crop: str | None = 
     with open(ids_path(out_dir, split), "w") as f:
         f.write("".join(i + "\n" for i in ids))
     entry = {"file": os.path.basename(path), "ids_file": os.path.basename(ids_path(out_dir, split)),
-             "count": count, "skipped": sorted(skipped), "crop": crop}
+             "count": count, "skipped": sorted(skipped), "crop": crop, "has_labels": bool(labelled)}
     manifest_path = os.path.join(out_dir, MANIFEST)
     manifest = {"format": FORMAT, "splits": {}}
     if os.path.exists(manifest_path):
@@ -191,6 +194,11 @@ class PreparedSource:
 
     def describe(self, index: int) -> str:
         return f"{self.path}[record {index}]"
+
+    @property
+    def has_labels(self) -> bool | None:
+        """Whether any record carries a label (None for directories prepared before this was recorded)."""
+        return self.manifest["splits"][self.split].get("has_labels")
 
     def record(self, index: int) -> dict:
         """The raw record `{"id", "image", "label"}` (encoded bytes)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from stego_jax.data import classes, synthetic
 
@@ -54,10 +54,12 @@ class Source(Protocol):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decode any PIL-readable image (grayscale, RGBA, CMYK, palette, 16-bit...) to uint8 RGB `[H, W, 3]`."""
+    """Decode any PIL-readable image (grayscale, RGBA, CMYK, palette, 16-bit...) to uint8 RGB `[H, W, 3]`,
+    turned upright by its EXIF orientation tag (training, evaluation and prediction all read through here)."""
     try:
         with Image.open(path) as im:
             im.load()
+            ImageOps.exif_transpose(im, in_place=True)  # upright, as viewers show it (EXIF orientation)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # PIL's convert("RGB") clips 16/32-bit grey at 255; rescale the real range instead.
                 arr = np.asarray(im, dtype=np.float64)
@@ -87,6 +89,49 @@ def read_label_png(path: str) -> np.ndarray:
         raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
 
 
+EXIF_ORIENTATION = 0x0112
+# The PIL transpose that turns stored pixels upright for each EXIF orientation (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _header(path: str) -> tuple[int, int, int]:
+    """`(height, width, EXIF orientation)` of the stored pixels, from the file's header only."""
+    try:
+        with Image.open(path) as im:
+            try:
+                orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+            except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+                orientation = 1  # unreadable EXIF: the pixels as stored (what exif_transpose does then too)
+            return im.size[1], im.size[0], orientation
+    except FileNotFoundError:
+        raise CorruptFileError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
+
+
+def image_orientation(path: str) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when it has none)."""
+    return _header(path)[2]
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """`(height, width)` of an image as `read_rgb` returns it (upright), from the header alone: no pixels
+    are decoded. Raises `CorruptFileError` for unreadable files and decompression bombs (more pixels than
+    PIL's `Image.MAX_IMAGE_PIXELS` allows)."""
+    h, w, orientation = _header(path)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def orient_like_image(label: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a label map stored on its image's pixel grid the way `read_rgb` turns the image upright."""
+    if orientation not in _UPRIGHT:
+        return label
+    turned = Image.fromarray(np.ascontiguousarray(label, dtype=np.int32)).transpose(_UPRIGHT[orientation])
+    return np.asarray(turned, dtype=np.int32)
+
+
 def require_files(paths: Sequence[str], dataset: str, root: str, hint: str) -> None:
     """Raise `RawLayoutError` listing the missing `paths` (first five) followed by `hint`."""
     missing = [p for p in paths if not os.path.exists(p)]
@@ -112,12 +157,19 @@ class PairedFileSource:
     def describe(self, index: int) -> str:
         return self.image_paths[index]
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any image has a label file (an image folder without `labels/` has none)."""
+        return any(p is not None for p in self.label_paths)
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_rgb(self.image_paths[index])
         label_path = self.label_paths[index]
         if label_path is None:
             return image, np.full(image.shape[:2], -1, np.int32)
-        label = read_label_png(label_path)
+        # Label files are drawn on the image's stored pixel grid (COCO, Cityscapes): the turn read_rgb gives
+        # the image by its EXIF orientation is given to the label too, so the two stay aligned.
+        label = orient_like_image(read_label_png(label_path), image_orientation(self.image_paths[index]))
         if label.shape != image.shape[:2]:
             raise CorruptFileError(label_path, f"label size {label.shape} differs from image size "
                                                f"{image.shape[:2]} of {self.image_paths[index]}")
@@ -227,6 +279,11 @@ class PotsdamSource:
     def describe(self, index: int) -> str:
         return os.path.join(self.root, "imgs", self.ids[index] + ".mat")
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any tile has a `gt/<id>.mat` (the unlabelled splits have none)."""
+        return any(os.path.exists(os.path.join(self.root, "gt", i + ".mat")) for i in self.ids)
+
     def _loadmat(self, path: str, key: str) -> np.ndarray:
         import scipy.io
 
@@ -308,6 +365,10 @@ class ArraySource:
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(np.any(np.asarray(self.labels) >= 0))
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.images[index], self.labels[index]
