@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -157,7 +159,7 @@ def read_npz(
     except (
         zipfile.BadZipFile, zlib.error, EOFError, ValueError, TypeError, KeyError, IndexError,
         OverflowError, SyntaxError, NotImplementedError, RuntimeError, OSError, UnicodeDecodeError,
-        struct.error,
+        struct.error, tokenize.TokenError,  # np.lib.format parses a header with ast / tokenize
     ) as e:
         raise error(path, f"{path}: cannot read it ({type(e).__name__}: {str(e)[:200]}); {corrupt}") from None
     return out
@@ -181,7 +183,12 @@ def _read_header(f, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np
         return np.lib.format.read_array_header_1_0(f)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(f)
-    return np.lib.format._read_array_header(f, version)  # 3.0: utf8 field names
+    if version == (3, 0):
+        # 2.0 with a utf-8 header (non-latin-1 field names). Parsed as 2.0 only to size the array
+        # (field names do not change the item size); np.lib.format.read_array reads it properly.
+        (n,) = struct.unpack("<I", f.read(4))
+        return np.lib.format.read_array_header_2_0(io.BytesIO(struct.pack("<I", n) + f.read(n)))
+    raise ValueError(f"unknown .npy format version {version}")
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
