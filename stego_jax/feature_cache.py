@@ -46,6 +46,8 @@ from stego_jax import cli, parallel, run_config
 from stego_jax.config import validate
 from stego_jax.data import build_dataset
 from stego_jax.featurize import local_featurize_fn, run_featurizer
+from stego_jax.featurizers import params_sha256  # noqa: F401  (also this module's name for it)
+from stego_jax.weights.errors import UnreadableFileError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,17 +76,6 @@ def cache_dtype(config) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"config.feature_cache.dtype={dtype!r} is not allowed; choose one of {list(DTYPES)}")
     return dtype
-
-
-def params_sha256(params: Any) -> str:
-    """sha256 over the featurizer's parameter tree (paths, dtypes, shapes, bytes): the cache
-    depends on the weights, not only on the backbone's name (a path can be overwritten)."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def fingerprint(config, featurizer, dataset) -> dict:
@@ -232,6 +223,40 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: cache has {a!r}, config gives {b!r}"]
 
 
+def _read_manifest(path: str, directory: str) -> dict:
+    """The parsed manifest; UnreadableFileError naming it and the rebuild when it is truncated,
+    not JSON, or lacks the fields and types the reader relies on."""
+    def bad(what: str) -> UnreadableFileError:
+        return UnreadableFileError(path, f"feature cache manifest {path} {what}: the file is truncated or "
+                                   f"corrupt; {_rebuild_hint(directory)}")
+
+    try:
+        with open(path, "rb") as f:
+            m = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(m, dict):
+        raise bad("is not a JSON object")
+    want = {"fingerprint": dict, "n": int, "shard_rows": int, "feature_shape": list, "dtype": str, "shards": list}
+    for key, kind in want.items():
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            raise bad(f"has no valid {key!r}")
+    if m["dtype"] not in DTYPES or m["n"] < 0 or m["shard_rows"] < 1:
+        raise bad(f"has dtype {m['dtype']!r:.40}, n {m['n']}, shard_rows {m['shard_rows']}")
+    if not all(type(d) is int and d > 0 for d in m["feature_shape"]):
+        raise bad("has an invalid feature_shape")
+    if len(m["shards"]) != -(-m["n"] // m["shard_rows"]):
+        raise bad(f"lists {len(m['shards'])} shards for n={m['n']} rows of {m['shard_rows']}")
+    for s, shard in enumerate(m["shards"]):
+        files = shard.get("files") if isinstance(shard, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(files.get(part), dict) and isinstance(files[part].get("name"), str)
+                and isinstance(files[part].get("sha256"), str)
+                and os.path.basename(files[part]["name"]) == files[part]["name"] for part in PARTS):
+            raise bad(f"has a malformed entry for shard {s}")
+    return m
+
+
 class FeatureCache:
     """Read side of the cache: rows by dataset index from memory-mapped shards.
 
@@ -246,8 +271,7 @@ class FeatureCache:
             raise FileNotFoundError(
                 f"{path} not found: no complete feature cache in {directory}; build it by training with "
                 f"config.feature_cache.dir={directory!r}, or `python -m stego_jax.feature_cache --config <config>`")
-        with open(path) as f:
-            self.manifest = json.load(f)
+        self.manifest = _read_manifest(path, directory)
         if expect is not None:
             diffs = _diff(self.manifest["fingerprint"], expect)
             if diffs:
@@ -271,7 +295,11 @@ class FeatureCache:
                     raise ValueError(f"feature cache shard {path} is corrupt (sha256 differs from "
                                      f"{MANIFEST}); {_rebuild_hint(self.directory)}")
                 self._verified.add(key)
-            arr = np.load(path, mmap_mode="r")  # pages come in on demand: host memory stays bounded
+            try:
+                arr = np.load(path, mmap_mode="r")  # pages come in on demand: host memory stays bounded
+            except (ValueError, OSError, EOFError) as e:
+                raise UnreadableFileError(path, f"feature cache shard {path} cannot be opened ({e}); "
+                                          f"{_rebuild_hint(self.directory)}") from None
             if part == "feats" and self.dtype == "bfloat16":
                 arr = arr.view(ml_dtypes.bfloat16)
             self._open[key] = arr

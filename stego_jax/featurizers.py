@@ -4,6 +4,7 @@ descriptor for the offline demo. A registry, so a new backbone is an entry, not 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -37,6 +38,18 @@ class Featurizer:
 
     def __call__(self, images: Array) -> Array:
         return self.apply(self.params, images)
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over a featurizer's parameter tree (paths, dtypes, shapes, bytes): what its outputs
+    depend on, not only the backbone's name (a weights file can be overwritten under the same
+    name). Keys the feature cache and the k-NN tables."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------

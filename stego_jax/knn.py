@@ -21,9 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from stego_jax import cli, data, featurizers, parallel, run_config
 from stego_jax.config import validate
 from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from stego_jax.weights.errors import UnreadableFileError
+from stego_jax.weights.safetensors_io import read_npz
 
-# Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale.
-META_KEYS = ("dataset", "split", "crop", "backbone", "patch_size", "res", "n", "ids_fingerprint")
+# Metadata compared on load; `n` and `ids_fingerprint` are what makes a table stale, and
+# `featurizer_params_sha256` (the backbone's content, not its file name) what makes it wrong.
+META_KEYS = ("dataset", "split", "crop", "backbone", "patch_size", "res", "n", "ids_fingerprint",
+             "featurizer_params_sha256")
 
 
 def global_descriptors(
@@ -130,8 +134,12 @@ def knn_filename(
 
 
 def table_meta(config: Any, featurizer: Any, split: str, ids: Sequence[Any]) -> dict[str, Any]:
-    """The metadata (`META_KEYS`) a table of `split` is written with and checked against on load."""
-    return {
+    """The metadata (`META_KEYS`) a table of `split` is written with and checked against on load.
+
+    `featurizer_params_sha256` hashes the featurizer's parameters, so a table computed with other
+    weights under the same backbone name is refused on load.
+    """
+    meta = {
         "dataset": config.data.name,
         "split": split,
         "crop": config.data.get("crop_type", None),
@@ -141,6 +149,9 @@ def table_meta(config: Any, featurizer: Any, split: str, ids: Sequence[Any]) -> 
         "n": len(ids),
         "ids_fingerprint": ids_fingerprint(ids),
     }
+    if getattr(featurizer, "params", None) is not None:
+        meta["featurizer_params_sha256"] = featurizers.params_sha256(featurizer.params)
+    return meta
 
 
 def table_path(config: Any, featurizer: Any, split: str) -> str:
@@ -187,18 +198,45 @@ def load_knn(
       (int32 `[N, k]` table, stored metadata dict).
 
     Raises:
-      FileNotFoundError / ValueError naming the file, the mismatch and the command to rerun.
+      FileNotFoundError / ValueError naming the file, the mismatch and the command to rerun;
+      `UnreadableFileError` (a ValueError) when the file is truncated or corrupt.
       An official file (no metadata) is checked on `n` only, like the official loader's
       `len(dataset) == nns.shape[0]` assertion, and a warning says so.
     """
     fix = f"rerun python -m stego_jax.knn --config {config_hint}"
     if not os.path.exists(path):
         raise FileNotFoundError(f"k-NN table {path} does not exist; {fix}")
-    with np.load(path, allow_pickle=False) as f:
-        if "nns" not in f:
-            raise ValueError(f"k-NN table {path} has no 'nns' array; {fix}")
-        table = np.asarray(f["nns"]).astype(np.int32)
-        meta = json.loads(str(f["meta"])) if "meta" in f else {}
+    remake = f"Delete it and {fix}"
+    arrays = read_npz(path, fix=remake, error=UnreadableFileError)
+    if "nns" not in arrays:
+        raise UnreadableFileError(path, f"k-NN table {path} has no 'nns' array; {fix}")
+    nns = arrays["nns"]
+    if not (isinstance(nns, np.ndarray) and nns.ndim == 2 and np.issubdtype(nns.dtype, np.integer)):
+        raise UnreadableFileError(
+            path, f"k-NN table {path}: 'nns' must be an integer [N, k] array, got "
+            f"{getattr(nns, 'dtype', type(nns).__name__)} {getattr(nns, 'shape', '')}; the file is "
+            f"corrupt. {remake}"
+        )
+    if nns.size and (nns.min() < 0 or nns.max() >= nns.shape[0]):
+        raise UnreadableFileError(
+            path, f"k-NN table {path}: indices span [{nns.min()}, {nns.max()}], outside the "
+            f"{nns.shape[0]} rows; the file is corrupt. {remake}"
+        )
+    table = nns.astype(np.int32)
+    meta: Any = {}
+    if "meta" in arrays:
+        raw = arrays["meta"]
+        try:
+            if not (isinstance(raw, np.ndarray) and raw.ndim == 0 and raw.dtype.kind == "U"):
+                raise ValueError(f"'meta' is {getattr(raw, 'dtype', type(raw).__name__)}, not a string")
+            meta = json.loads(str(raw))
+            if not isinstance(meta, dict):
+                raise ValueError("'meta' is not a JSON object")
+        except (ValueError, RecursionError) as e:
+            raise UnreadableFileError(
+                path, f"k-NN table {path}: unreadable metadata ({str(e)[:120]}); the file is "
+                f"corrupt. {remake}"
+            ) from None
     if not meta:
         warnings.warn(f"{path} has no metadata (official format?): only its row count is checked")
     meta.setdefault("n", int(table.shape[0]))
@@ -213,7 +251,13 @@ def load_knn(
     if diffs:
         was = ", ".join(f"{key}={a!r}" for key, (a, _) in sorted(diffs.items()))
         now = ", ".join(f"{key}={b!r}" for key, (_, b) in sorted(diffs.items()))
-        raise ValueError(f"k-NN table {path} was computed for {was} but training uses {now}; {fix}")
+        why = ""
+        if "featurizer_params_sha256" in diffs:
+            why = (" (the backbone's weights differ from those the table was computed with, "
+                   "even if its name is the same)")
+        raise ValueError(
+            f"k-NN table {path} was computed for {was} but training uses {now}{why}; {fix}"
+        )
     return table, meta
 
 

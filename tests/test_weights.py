@@ -11,6 +11,7 @@ import http.server
 import re
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -26,6 +27,7 @@ from stego_jax.weights import (
     load_safetensors,
     load_torch_checkpoint,
 )
+import stego_jax.weights as weights_pkg
 from stego_jax.weights import download as dl
 from stego_jax.weights.convert import convert_state_dict
 
@@ -444,3 +446,69 @@ def test_registry_urls_and_defaults(monkeypatch, tmp_path: Path) -> None:
     assert dl.default_cache_dir() == Path.home() / ".cache" / "stego_jax" / "weights"
     with pytest.raises(FileNotFoundError, match="neither a registry name"):
         load_dino("dino_vits99")
+
+
+# ------------------------------------------------------------------------------------------------
+# Published checksums
+
+
+def test_registry_pins_are_well_formed() -> None:
+    for spec in REGISTRY.values():
+        assert spec.sha256 is None or (
+            re.fullmatch(r"[0-9a-f]{64}", spec.sha256) and spec.sha256_source
+        ), spec.name
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        dataclasses.replace(REGISTRY["dino_vits8"], sha256="abc", sha256_source="somewhere")
+    with pytest.raises(ValueError, match="sha256_source"):
+        dataclasses.replace(REGISTRY["dino_vits8"], sha256="0" * 64)
+
+
+def _tiny_spec(**kw):
+    return dataclasses.replace(REGISTRY["dino_vits8"], embed_dim=8, depth=2, num_heads=2, **kw)
+
+
+def test_pinned_registry_entry_checked_on_every_load(server, tmp_path: Path, monkeypatch) -> None:
+    srv, blob = server
+    digest = hashlib.sha256(blob).hexdigest()
+    spec = _tiny_spec(sha256=digest, sha256_source="the test server")
+    monkeypatch.setitem(REGISTRY, "dino_vits8", spec)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dest, record = cache / spec.filename, cache / (spec.filename + ".sha256")
+    url = spec.url(srv.base)
+    # A wrong file placed by hand, even one a record from an earlier load vouches for: refused.
+    wrong = bytearray(blob)
+    wrong[len(blob) // 3] ^= 0x01
+    dest.write_bytes(bytes(wrong))
+    record.write_text(f"{hashlib.sha256(wrong).hexdigest()}  {spec.filename}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pinned entry gives no "unpinned" warning
+        with pytest.raises(ValueError) as e:
+            load_dino("dino_vits8", cache_dir=cache, base_url=srv.base, progress=False)
+    msg = str(e.value)
+    for part in (str(dest), digest, hashlib.sha256(wrong).hexdigest(), url, "Delete"):
+        assert part in msg, part
+    # The right file placed by hand over that stale record: accepted, the record corrected.
+    dest.write_bytes(blob)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dino("dino_vits8", cache_dir=cache, base_url=srv.base, progress=False)
+    assert record.read_text().split()[0] == digest
+    assert srv.log == []  # nothing was downloaded
+    # Downloaded: checked against the pin too.
+    dest.unlink()
+    load_dino("dino_vits8", cache_dir=cache, base_url=srv.base, progress=False)
+    assert dest.read_bytes() == blob and len(srv.log) == 1
+
+
+def test_unpinned_registry_entry_warns_once(server, tmp_path: Path, monkeypatch) -> None:
+    srv, _ = server
+    monkeypatch.setattr(weights_pkg, "_UNPINNED_WARNED", set())
+    monkeypatch.setitem(REGISTRY, "dino_vits8", _tiny_spec())
+    with pytest.warns(UserWarning) as rec:
+        for _ in range(2):
+            load_dino("dino_vits8", cache_dir=tmp_path, base_url=srv.base, progress=False)
+    msgs = [str(w.message) for w in rec if "SHA-256" in str(w.message)]
+    assert len(msgs) == 1
+    assert "no published SHA-256 is pinned" in msgs[0] and "first file" in msgs[0]
+    assert str(tmp_path / "dino_deitsmall8_pretrain.pth.sha256") in msgs[0]

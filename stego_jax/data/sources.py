@@ -53,11 +53,39 @@ class Source(Protocol):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def _open_image(path: str) -> Image.Image:
+    """`Image.open` with the decompression-bomb limit enforced before any pixel is decoded.
+
+    PIL itself only warns between `Image.MAX_IMAGE_PIXELS` and twice that; here anything above the
+    limit is refused (raise `PIL.Image.MAX_IMAGE_PIXELS` for genuinely huge images).
+    """
+    im = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        im.close()
+        raise Image.DecompressionBombError(
+            f"{w}x{h} = {w * h} pixels exceeds the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS); a "
+            f"corrupt header or a decompression bomb. If the image is genuine, raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS")
+    return im
+
+
+def _decode_error(path: str, e: BaseException) -> CorruptFileError:
+    if isinstance(e, FileNotFoundError):
+        return CorruptFileError(path, "file not found")
+    return CorruptFileError(path, f"{type(e).__name__}: {str(e)[:300]}")
+
+
 def read_rgb(path: str) -> np.ndarray:
     """Decode any PIL-readable image (grayscale, RGBA, CMYK, palette, 16-bit...) to uint8 RGB `[H, W, 3]`,
-    turned upright by its EXIF orientation tag (training, evaluation and prediction all read through here)."""
+    turned upright by its EXIF orientation tag (training, evaluation and prediction all read through here).
+
+    Any file that cannot be decoded, and any image above `PIL.Image.MAX_IMAGE_PIXELS` (refused before
+    decoding), raises `CorruptFileError` naming the file.
+    """
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # upright, as viewers show it (EXIF orientation)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -67,26 +95,28 @@ def read_rgb(path: str) -> np.ndarray:
                 grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise CorruptFileError(path, "file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  PIL's decoders raise many types on a damaged file
+        raise _decode_error(path, e) from (None if isinstance(e, FileNotFoundError) else e)
 
 
 def read_label_png(path: str) -> np.ndarray:
-    """Decode a single-channel label PNG (modes L, P, I, I;16) to its raw integer values `[H, W]` int32."""
+    """Decode a single-channel label PNG (modes L, P, I, I;16) to its raw integer values `[H, W]` int32.
+
+    Any file that cannot be decoded, a multi-channel image, and any image above
+    `PIL.Image.MAX_IMAGE_PIXELS` (refused before decoding) raise `CorruptFileError` naming the file.
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
+        with _open_image(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                 raise CorruptFileError(path, f"label images must be single-channel (L, P or I), got mode {im.mode}")
+            im.load()
             return np.asarray(im).astype(np.int32)
-    except FileNotFoundError:
-        raise CorruptFileError(path, "file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, CorruptFileError):
-            raise
-        raise CorruptFileError(path, f"{type(e).__name__}: {e}") from e
+    except (CorruptFileError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  PIL's decoders raise many types on a damaged file
+        raise _decode_error(path, e) from (None if isinstance(e, FileNotFoundError) else e)
 
 
 EXIF_ORIENTATION = 0x0112

@@ -4,6 +4,7 @@ to the Flax ViT params."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,15 @@ from stego_jax.weights.convert import (
     select_state_dict,
     to_dino_layout,
 )
-from stego_jax.weights.download import default_cache_dir, fetch
+from stego_jax.weights.download import default_cache_dir, fetch, sidecar_path
+from stego_jax.weights.errors import CheckpointError, UnreadableFileError
 from stego_jax.weights.registry import DEFAULT_BASE_URL, REGISTRY, WeightSpec, get_spec
 from stego_jax.weights.safetensors_io import load_npz, load_safetensors
 from stego_jax.weights.torch_pickle import load_torch_checkpoint
 
 __all__ = [
+    "CheckpointError",
+    "UnreadableFileError",
     "REGISTRY",
     "WeightSpec",
     "load_dino",
@@ -31,6 +35,10 @@ __all__ = [
     "load_safetensors",
     "load_npz",
 ]
+
+
+# Registry names already warned about in this process (one warning each).
+_UNPINNED_WARNED: set[str] = set()
 
 
 def resolve_base_url(base_url: str | None = None) -> str:
@@ -53,7 +61,8 @@ def read_checkpoint(path: str | Path) -> Any:
         return load_safetensors(path)
     if suffix == ".npz":
         return load_npz(path)
-    raise ValueError(
+    raise CheckpointError(
+        path,
         f"{path}: unsupported weights file type {suffix!r}; use .pth/.pt, .safetensors or .npz"
     )
 
@@ -79,8 +88,18 @@ def load_dino(
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
         spec = get_spec(name_or_path)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        url = spec.url(resolve_base_url(base_url))
+        if spec.sha256 is None and spec.name not in _UNPINNED_WARNED:
+            _UNPINNED_WARNED.add(spec.name)
+            warnings.warn(
+                f"{spec.name}: no published SHA-256 is pinned for {spec.path}, so the first file "
+                f"seen at {cache / spec.filename} is trusted and its digest recorded in "
+                f"{sidecar_path(cache / spec.filename)}; later loads are checked against that "
+                "record only. Compare the file with a trusted copy if in doubt.",
+                stacklevel=2,
+            )
         path = fetch(
-            spec.url(resolve_base_url(base_url)),
+            url,
             cache / spec.filename,
             sha256=spec.sha256,
             progress=progress,

@@ -39,41 +39,49 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _sidecar(dest: Path) -> Path:
+def sidecar_path(dest: Path) -> Path:
+    """Where the digest of the cached file `dest` is recorded."""
     return dest.with_name(dest.name + ".sha256")
 
 
 def _write_sidecar(dest: Path, digest: str) -> None:
     tmp = dest.with_name(dest.name + ".sha256.tmp")
     tmp.write_text(f"{digest}  {dest.name}\n")
-    os.replace(tmp, _sidecar(dest))
+    os.replace(tmp, sidecar_path(dest))
 
 
-def verify_cached(dest: Path, sha256: str | None = None) -> None:
+def verify_cached(dest: Path, sha256: str | None = None, url: str | None = None) -> None:
     """Checks a cached file against the pinned `sha256`, else the digest recorded at its download.
 
-    A file with neither (placed by hand) gets its digest recorded now, so later corruption is
-    caught.
-    Raises ValueError saying how to recover when the digest differs.
+    A pinned digest always wins over the recorded one (a stale record from an earlier, wrong file
+    is replaced once the file matches the pin). Without a pin, a file with no record (placed by
+    hand) gets its digest recorded now, so later corruption is caught.
+    Raises ValueError naming the file, both digests and how to recover when they differ.
     """
     digest = sha256_file(dest)
-    sidecar = _sidecar(dest)
+    sidecar = sidecar_path(dest)
     if sha256 is not None:
-        expected, source = sha256.lower(), "the pinned checksum"
+        expected, source = sha256.lower(), "the published checksum pinned in the registry"
     elif sidecar.is_file():
         expected, source = (
             sidecar.read_text().split()[0].lower(),
-            f"the checksum recorded in {sidecar}",
+            f"the checksum recorded in {sidecar} at its first download",
         )
     else:
         _write_sidecar(dest, digest)
         return
     if digest != expected:
+        where = f" from {url}" if url else ""
         raise ValueError(
             f"cached weights {dest} are corrupt: sha256 {digest} does not match {source} "
             f"({expected}). "
-            f"Delete {dest} and {sidecar} and load again to re-download it."
+            f"Delete {dest} and {sidecar} and load again to re-download it, or download it"
+            f"{where} by hand and place it at {dest}."
         )
+    if sha256 is not None and (
+        not sidecar.is_file() or sidecar.read_text().split()[:1] != [expected]
+    ):
+        _write_sidecar(dest, digest)
 
 
 def _download_once(url: str, part: Path, progress: bool) -> None:
@@ -144,7 +152,7 @@ def fetch(
     """
     dest = Path(dest)
     if dest.is_file():
-        verify_cached(dest, sha256)
+        verify_cached(dest, sha256, url)
         return dest
     retries = DEFAULT_RETRIES if retries is None else retries
     backoff = DEFAULT_BACKOFF if backoff is None else backoff

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 # The official host (facebookresearch/dino:hubconf.py, mhamilton723/STEGO:src/modules.py).
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
@@ -12,8 +13,10 @@ DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
 class WeightSpec:
     """One published checkpoint: its path under the base URL and the architecture it must hold.
 
-    `sha256` pins the file when known; when None, the checksum of the first complete download is
-    recorded next to the cached file and every later load is checked against it.
+    `sha256` pins the exact file at the official URL, `sha256_source` says where that digest was
+    published; every load (downloaded or placed by hand) is then checked against it. When None,
+    the checksum of the first file seen is recorded next to the cached file, every later load is
+    checked against that, and `load_dino` warns once that the first file was trusted.
     """
 
     name: str
@@ -23,6 +26,13 @@ class WeightSpec:
     depth: int
     num_heads: int
     sha256: str | None = None
+    sha256_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.sha256 is not None and not self.sha256_source:
+            raise ValueError(f"{self.name}: a pinned sha256 needs its sha256_source (where it was published)")
 
     @property
     def filename(self) -> str:
@@ -34,6 +44,9 @@ class WeightSpec:
         return base_url.rstrip("/") + "/" + self.path
 
 
+# No digests are pinned: the host publishes none for these files (the DINO README and hubconf.py
+# give URLs only, and the file names carry no hash prefix as torch.hub's do). Pin one here, with
+# its source, once a digest of the exact file at the exact URL is published.
 REGISTRY: dict[str, WeightSpec] = {
     s.name: s
     for s in (

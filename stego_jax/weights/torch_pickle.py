@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import math
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
+
+from stego_jax.weights.errors import CheckpointError
 
 # torch.<Name>Storage -> numpy dtype of one element (torch.serialization writes these names).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -34,10 +39,40 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+_ZIP_MAGIC = b"PK\x03\x04"
+# A deflated zip member expands at most ~1032x; anything claiming more is not a real zip.
+_MAX_DEFLATE_RATIO = 1100
+_MAX_NDIM = 32
+_REDOWNLOAD = (
+    "Delete it and download it again (or re-save it with torch.save(state_dict, path) or as "
+    ".safetensors)"
+)
+# What a malformed pickle or zip can raise from the standard library while it is read.
+_MALFORMED = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    ValueError,
+    OverflowError,
+    struct.error,
+    UnicodeDecodeError,
+    NotImplementedError,
+    RuntimeError,  # includes RecursionError (a deeply nested object) and encrypted zip members
+    OSError,
+)
 
 
 class _Refused(pickle.UnpicklingError):
-    """Raised by our own checks; its message already names the file and the fix."""
+    """Raised by our own checks of a malformed stream; its message names the file."""
+
+
+class _Forbidden(_Refused):
+    """A global outside the allow-list; its message already names the file and the fix."""
 
 
 class _StorageType:
@@ -51,8 +86,10 @@ class _StorageType:
 class _Storage:
     """A flat typed buffer, filled from the file when a tensor first needs it."""
 
-    def __init__(self, dtype: np.dtype, numel: int, read: Callable[[], bytes], where: str) -> None:
-        self.dtype, self.numel, self._read, self.where = dtype, numel, read, where
+    def __init__(
+        self, dtype: np.dtype, numel: int, read: Callable[[], bytes], where: str, path: Path
+    ) -> None:
+        self.dtype, self.numel, self._read, self.where, self.path = dtype, numel, read, where, path
         self._array: np.ndarray | None = None
 
     def array(self) -> np.ndarray:
@@ -60,7 +97,8 @@ class _Storage:
             raw = self._read()
             need = self.numel * self.dtype.itemsize
             if len(raw) < need:
-                raise ValueError(
+                raise CheckpointError(
+                    self.path,
                     f"{self.where}: storage holds {len(raw)} bytes, the checkpoint says it needs "
                     f"{need}; "
                     "the file is truncated or corrupt, re-download or re-save it"
@@ -109,10 +147,17 @@ def _rebuild_tensor_v2(
             f"{storage.where}: malformed tensor size {size!r:.80} / stride {stride!r:.80}"
         )
     ints = (storage_offset, *size, *stride)
-    if not all(type(v) is int and v >= 0 for v in ints):
+    if len(size) > _MAX_NDIM or not all(type(v) is int and v >= 0 for v in ints):
         raise _Refused(
-            f"{storage.where}: malformed tensor (offset {storage_offset!r}, size {size!r}, "
-            f"stride {stride!r})"
+            f"{storage.where}: malformed tensor (offset {storage_offset!r:.40}, size {size!r:.80}, "
+            f"stride {stride!r:.80}); the file is corrupt"
+        )
+    # A tensor cannot hold more elements than its storage (no overlapping views in a state
+    # dict): refuses a size claiming 10^12 elements before anything is allocated.
+    if all(size) and math.prod(size) > storage.numel:
+        raise _Refused(
+            f"{storage.where}: tensor of size {size} has {math.prod(size)} elements but its "
+            f"storage holds {storage.numel}; the file is corrupt"
         )
     # Bounds check before any as_strided: a hostile size/stride must not read outside the buffer.
     if (
@@ -159,8 +204,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
-        except KeyError:
-            raise _Refused(
+        except (KeyError, TypeError):
+            raise _Forbidden(
                 f"checkpoint {self._where} wants to call {module}.{name}, which is not allowed; "
                 "refusing to load. Only tensors, dicts and lists can be read; re-save the weights "
                 "as a plain state_dict "
@@ -175,63 +220,121 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(pid)
 
 
-def _unpickle(
-    data: io.BufferedIOBase, where: str, load_storage: Callable[[tuple], _Storage]
-) -> Any:
+def _scan(data: io.BytesIO, where: str) -> None:
+    """Walks one pickle's opcodes without building anything, from the current position.
+
+    The C unpickler allocates what a length field or memo index claims before it reads; this pass
+    (pure Python, reading only what is there) refuses a truncated or inflated stream first.
+    """
+    start = data.tell()
+    n_ops = 0
     try:
+        for op, arg, _ in pickletools.genops(data):
+            n_ops += 1
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (
+                isinstance(arg, int) and 0 <= arg <= n_ops
+            ):
+                raise _Refused(f"checkpoint {where}: memo index {arg!r:.40} is out of range")
+    except _Refused:
+        raise
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError, OverflowError) as e:
+        raise _Refused(f"checkpoint {where}: malformed pickle stream ({e})") from None
+    data.seek(start)
+
+
+def _unpickle(
+    data: io.BytesIO,
+    where: str,
+    load_storage: Callable[[tuple], _Storage],
+    path: Path,
+    problem: str,
+) -> Any:
+    """Unpickles one object from `data`; any failure becomes a CheckpointError naming `path`.
+
+    `problem` says what a malformed stream means here (a corrupt file, or not a checkpoint at all).
+    """
+    try:
+        _scan(data, where)
         return _RestrictedUnpickler(data, where, load_storage).load()
+    except _Forbidden as e:
+        raise CheckpointError(path, str(e)) from None
     except _Refused as e:
-        raise ValueError(str(e)) from None
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        TypeError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        ValueError,
-    ) as e:
-        # A malformed opcode stream (or a disallowed call signature) surfaces as one of these.
-        raise ValueError(
-            f"checkpoint {where} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
-            "re-save it "
-            "with torch>=1.6 (torch.save(state_dict, path)) or as .safetensors"
+        raise CheckpointError(path, f"{e}. {problem}") from None
+    except _MALFORMED as e:
+        raise CheckpointError(
+            path, f"checkpoint {where}: {problem} ({type(e).__name__}: {str(e)[:200]})"
         ) from None
 
 
+def _member_size(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int, path: Path) -> int:
+    """The uncompressed size of a zip member, refused when the archive cannot hold it."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        bound = info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        bound = info.compress_size * _MAX_DEFLATE_RATIO + 1024
+    else:
+        raise CheckpointError(
+            path, f"member {info.filename} uses zip compression method {info.compress_type}, "
+            f"which PyTorch never writes; the file is corrupt. {_REDOWNLOAD}"
+        )
+    if info.compress_size > archive_size or info.file_size > bound:
+        raise CheckpointError(
+            path, f"member {info.filename} claims {info.file_size} bytes, more than the "
+            f"{archive_size}-byte file can hold: the file is truncated or corrupt. {_REDOWNLOAD}"
+        )
+    return info.file_size
+
+
 def _load_zip(path: Path) -> Any:
+    archive_size = path.stat().st_size
+    corrupt = f"the zip checkpoint is truncated or corrupt. {_REDOWNLOAD}"
     with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
+        infos = {i.filename: i for i in zf.infolist()}
+        names = list(infos)
         pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
-            raise ValueError(
+            raise CheckpointError(
+                path,
                 f"{path} is a zip file but not a PyTorch checkpoint "
                 f"(expected one '<name>/data.pkl', "
-                f"found {len(pkls)}); is it a TorchScript archive? Save a state_dict instead"
+                f"found {len(pkls)}); is it a TorchScript archive? Save a state_dict instead",
             )
         root = pkls[0][: -len("data.pkl")]
         order = "little"
         if root + "byteorder" in names:
-            order = zf.read(root + "byteorder").decode().strip()
+            _member_size(zf, infos[root + "byteorder"], archive_size, path)
+            order = zf.read(root + "byteorder").decode("ascii", "replace").strip()
             if order not in ("little", "big"):
-                raise ValueError(f"{path}: unknown byteorder {order!r} in the checkpoint")
+                raise CheckpointError(
+                    path, f"{path}: unknown byteorder {order[:20]!r} in the checkpoint; {corrupt}"
+                )
         storages: dict[str, _Storage] = {}
 
         def load_storage(pid: tuple) -> _Storage:
             _, stype, key, _location, numel = pid[:5]
             key = key.decode() if isinstance(key, bytes) else str(key)
+            if type(numel) is not int or numel < 0:
+                raise _Refused(f"checkpoint {path}: storage {key[:40]!r} has size {numel!r:.40}")
             if key not in storages:
                 member = f"{root}data/{key}"
-                if member not in names:
+                if member not in infos:
                     raise _Refused(f"checkpoint {path}: storage {member} is missing from the zip")
+                have = _member_size(zf, infos[member], archive_size, path)
+                if numel * stype.dtype.itemsize > have:
+                    raise _Refused(
+                        f"checkpoint {path}: storage {member} holds {have} bytes but the "
+                        f"checkpoint says it has {numel} elements of {stype.dtype.itemsize} bytes; "
+                        "the file is truncated or corrupt"
+                    )
                 dtype = stype.dtype if order == "little" else stype.dtype.newbyteorder(">")
                 storages[key] = _Storage(
-                    dtype, int(numel), lambda m=member: zf.read(m), f"{path}:{member}"
+                    dtype, numel, lambda m=member: zf.read(m), f"{path}:{member}", path
                 )
             return storages[key]
 
-        with zf.open(pkls[0]) as f:
-            result = _unpickle(f, str(path), load_storage)
+        _member_size(zf, infos[pkls[0]], archive_size, path)
+        pickle_bytes = io.BytesIO(zf.read(pkls[0]))
+        result = _unpickle(pickle_bytes, str(path), load_storage, path, corrupt)
         return _materialize(result)
 
 
@@ -244,28 +347,32 @@ def _load_legacy(path: Path) -> Any:
     with open(path, "rb") as f:
         blob = f.read()
     buf = io.BytesIO(blob)
+    corrupt = f"the legacy checkpoint is truncated or corrupt. {_REDOWNLOAD}"
 
     def no_storage(pid: tuple) -> _Storage:
         raise _Refused(f"checkpoint {path}: unexpected storage reference outside the object pickle")
 
-    def plain(what: str) -> Any:
+    def plain(what: str, problem: str = corrupt) -> Any:
         # The header pickles hold only ints, dicts and strings; the same restriction applies.
-        return _unpickle(buf, f"{path} ({what})", no_storage)
+        return _unpickle(buf, f"{path} ({what})", no_storage, path, problem)
 
-    magic = plain("header")
-    if magic != _LEGACY_MAGIC:
-        raise ValueError(
-            f"{path} is neither a zip PyTorch checkpoint nor the legacy format (bad magic number); "
-            "re-save it with torch>=1.6 (torch.save(state_dict, path)) or as .safetensors"
-        )
+    not_torch = (
+        "it is neither a zip PyTorch checkpoint nor the legacy format. If it should be one, it is "
+        f"corrupt: {_REDOWNLOAD[0].lower()}{_REDOWNLOAD[1:]}; otherwise re-save it with torch>=1.6 "
+        "(torch.save(state_dict, path)) or as .safetensors"
+    )
+    magic = plain("header", not_torch)
+    if type(magic) is not int or magic != _LEGACY_MAGIC:
+        raise CheckpointError(path, f"{path} has no PyTorch magic number: {not_torch}")
     if plain("header") != _LEGACY_PROTOCOL:
-        raise ValueError(
-            f"{path}: unsupported legacy torch protocol version; re-save it with torch>=1.6"
+        raise CheckpointError(
+            path, f"{path}: unsupported legacy torch protocol version; re-save it with torch>=1.6"
         )
     sys_info = plain("header")
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise ValueError(
-            f"{path}: big-endian legacy checkpoints are not supported; re-save it with torch>=1.6"
+        raise CheckpointError(
+            path,
+            f"{path}: big-endian legacy checkpoints are not supported; re-save it with torch>=1.6",
         )
 
     roots: dict[str, _Storage] = {}
@@ -276,9 +383,14 @@ def _load_legacy(path: Path) -> Any:
             raise _Refused(f"checkpoint {path}: malformed legacy storage id")
         _, stype, key, _location, numel, view = pid
         key = str(key)
+        if type(numel) is not int or not 0 <= numel * stype.dtype.itemsize <= len(blob):
+            raise _Refused(
+                f"checkpoint {path}: storage {key[:40]!r} claims {numel!r:.40} elements, more than "
+                f"the {len(blob)}-byte file holds"
+            )
         if key not in roots:
             roots[key] = _Storage(
-                stype.dtype, int(numel), lambda k=key: fill[k], f"{path}:storage {key}"
+                stype.dtype, numel, lambda k=key: fill[k], f"{path}:storage {key}", path
             )
         if view is None:
             return roots[key]
@@ -288,6 +400,7 @@ def _load_legacy(path: Path) -> Any:
             type(offset) is int
             and type(size) is int
             and 0 <= offset
+            and 0 <= size
             and offset + size <= base.numel
         ):
             raise _Refused(
@@ -298,21 +411,31 @@ def _load_legacy(path: Path) -> Any:
             int(size),
             lambda b=base, o=int(offset), n=int(size): b.array()[o : o + n].tobytes(),
             f"{path}:storage {view_key}",
+            path,
         )
 
-    result = _unpickle(buf, str(path), load_storage)
+    result = _unpickle(buf, str(path), load_storage, path, corrupt)
     keys = plain("storage keys")
     if not isinstance(keys, list):
-        raise ValueError(f"{path}: malformed legacy checkpoint (storage key list)")
+        raise CheckpointError(path, f"{path}: malformed storage key list; {corrupt}")
     pos = buf.tell()
     for key in keys:
         # Each storage: int64 element count, then the raw little-endian elements.
-        if str(key) not in roots or pos + 8 > len(blob):
-            raise ValueError(f"{path}: legacy checkpoint is truncated or corrupt (storage {key})")
+        key = str(key)
+        if key not in roots or pos + 8 > len(blob):
+            raise CheckpointError(path, f"{path}: storage {key[:40]!r} is missing; {corrupt}")
         (numel,) = struct.unpack("<q", blob[pos : pos + 8])
-        nbytes = numel * roots[str(key)].dtype.itemsize
-        fill[str(key)] = blob[pos + 8 : pos + 8 + nbytes]
+        nbytes = numel * roots[key].dtype.itemsize
+        if numel != roots[key].numel or pos + 8 + nbytes > len(blob):
+            raise CheckpointError(
+                path, f"{path}: storage {key[:40]!r} ({roots[key].numel} elements) is cut short "
+                f"or has a wrong size ({numel}); {corrupt}"
+            )
+        fill[key] = blob[pos + 8 : pos + 8 + nbytes]
         pos += 8 + nbytes
+    missing = sorted(set(roots) - set(fill))
+    if missing:
+        raise CheckpointError(path, f"{path}: storage {missing[0][:40]!r} has no data; {corrupt}")
     return _materialize(result)
 
 
@@ -336,12 +459,29 @@ def load_torch_checkpoint(path: str | Path) -> Any:
     """Reads a `torch.save` file without torch and without running any code from it.
 
     Returns the saved object with every tensor as a numpy array (float32/float16/bfloat16/int64/...,
-    same shape and values). Raises FileNotFoundError if `path` is missing and ValueError if the file
-    is not a torch checkpoint or names anything beyond tensors, storages, dicts and argparse args.
+    same shape and values). Raises FileNotFoundError if `path` is missing and CheckpointError (a
+    ValueError) naming the file and the fix if it is truncated, corrupt, not a torch checkpoint, or
+    names anything beyond tensors, storages, dicts and argparse args. Sizes the file declares are
+    checked against what it holds before anything is allocated.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+    try:
+        if zipfile.is_zipfile(path):
+            return _load_zip(path)
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+        if head == _ZIP_MAGIC:
+            raise CheckpointError(
+                path, f"{path} starts like a zip PyTorch checkpoint but its zip directory is "
+                f"missing: the file is truncated or corrupt. {_REDOWNLOAD}"
+            )
+        return _load_legacy(path)
+    except CheckpointError:
+        raise
+    except _MALFORMED as e:
+        raise CheckpointError(
+            path, f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}). "
+            f"{_REDOWNLOAD}"
+        ) from None
