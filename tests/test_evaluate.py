@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -63,6 +64,13 @@ def test_evaluate_marks_linear_probe_not_trained_without_training_labels(run, tm
     cfg = cfg.copy_and_resolve_references()
     cfg.data.name, cfg.data.root = "image_folder", str(root)
     cfg.eval.flip = False
+    # The run's config.json is what a run was trained on (evaluate refuses a config that changes its
+    # data): make a copy of the run that says it was trained on this folder.
+    shutil.copytree(d, tmp_path / "run")
+    d = str(tmp_path / "run")
+    saved_cfg = json.load(open(os.path.join(d, "config.json")))
+    saved_cfg["data"].update(name="image_folder", root=str(root))
+    json.dump(saved_cfg, open(os.path.join(d, "config.json"), "w"))
     out = tmp_path / "eval"
     res = evaluate.evaluate(cfg, d, out_dir=str(out), quiet=True)
     assert res["linear"]["trained"] is False and "trained" not in res["cluster"]
