@@ -24,7 +24,7 @@ from stego_jax import crf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_crf import photo, stego_like_logits  # noqa: E402
+from stego_jax.testing import sample_photo as photo, stego_like_logits  # noqa: E402
 
 
 def _once(fn) -> tuple[float, np.ndarray]:

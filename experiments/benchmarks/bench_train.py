@@ -62,7 +62,7 @@ def random_featurizer(config, seed: int = 0):
 
     cfg = vit.vit_config(config.model.backbone)
     params = _random_params(vit.VisionTransformer(cfg, dtype=jnp.float32), seed)
-    with mock.patch("stego_jax.weights.load_dino", lambda name, **kw: (cfg, params)):
+    with mock.patch("stego_jax.featurizers.load_dino", lambda name, **kw: (cfg, params)):
         return featurizers.build_dino(config)
 
 
