@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from stego_jax.models.vit import VisionTransformer, patch_tokens_to_map
-from stego_jax.weights import load_dino
-from stego_jax.weights.registry import REGISTRY
+from stego_jax.models import build_backbone, patch_feature_map
+from stego_jax.weights import load_backbone
+from stego_jax.weights.registry import is_registered
 
 Array = jax.Array
 
@@ -64,18 +64,24 @@ def _dtype(name: str):
 
 
 def build_dino(config) -> Featurizer:
-    """DINO ViT from a registry name or a checkpoint path (`config.model.backbone`)."""
+    """DINO or DINOv2 ViT from a registry name or a checkpoint path (`config.model.backbone`).
+
+    The features are the final-norm patch tokens; CLS and any DINOv2 register tokens are dropped.
+    """
     backbone = str(config.model.backbone)
-    vit_config, params = load_dino(backbone, num_heads=int(config.model.get("num_heads", 0)) or None)
+    vit_config, params = load_backbone(
+        backbone, num_heads=int(config.model.get("num_heads", 0)) or None
+    )
     # A short name for file names (k-NN tables, caches): the registry name or the file's stem.
-    name = backbone if backbone in REGISTRY else os.path.splitext(os.path.basename(backbone))[0]
-    model = VisionTransformer(vit_config, dtype=_dtype(config.model.get("dtype", "float32")))
+    name = backbone if is_registered(backbone) else os.path.splitext(os.path.basename(backbone))[0]
+    model = build_backbone(vit_config, dtype=_dtype(config.model.get("dtype", "float32")))
     p = vit_config.patch_size
+    family = getattr(vit_config, "family", "dino")
 
     def apply(params, images):
         tokens = model.apply({"params": params}, images)
         h, w = images.shape[1] // p, images.shape[2] // p
-        return patch_tokens_to_map(tokens, (h, w)).astype(jnp.float32)
+        return patch_feature_map(tokens, vit_config, (h, w)).astype(jnp.float32)
 
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return Featurizer(
@@ -84,7 +90,10 @@ def build_dino(config) -> Featurizer:
         params=params,
         patch_size=p,
         dim=vit_config.embed_dim,
-        description=f"frozen DINO ViT ({backbone}, patch {p}, dim {vit_config.embed_dim})",
+        description=(
+            f"frozen {'DINOv2' if family == 'dinov2' else 'DINO'} ViT ({backbone}, patch {p}, "
+            f"dim {vit_config.embed_dim})"
+        ),
     )
 
 

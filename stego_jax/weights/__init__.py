@@ -1,14 +1,17 @@
-"""DINO backbone weights: registry, cached download, torch-free checkpoint reading and conversion
-to the Flax ViT params."""
+"""Backbone weights (DINO v1 and DINOv2): registry, cached download, torch-free checkpoint reading
+and conversion to the Flax backbone params."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from stego_jax.models.dinov2 import DinoV2Config, dinov2_config
 from stego_jax.models.vit import ViTConfig
+from stego_jax.weights import convert_dinov2
 from stego_jax.weights.convert import (
     convert_state_dict,
     flatten_params,
@@ -18,7 +21,14 @@ from stego_jax.weights.convert import (
 )
 from stego_jax.weights.download import default_cache_dir, fetch, sidecar_path
 from stego_jax.weights.errors import CheckpointError, UnreadableFileError
-from stego_jax.weights.registry import DEFAULT_BASE_URL, REGISTRY, WeightSpec, get_spec
+from stego_jax.weights.registry import (
+    DEFAULT_BASE_URL,
+    DINOV2_REGISTRY,
+    REGISTRY,
+    WeightSpec,
+    get_spec,
+    is_registered,
+)
 from stego_jax.weights.safetensors_io import load_npz, load_safetensors
 from stego_jax.weights.torch_pickle import load_torch_checkpoint
 
@@ -26,7 +36,9 @@ __all__ = [
     "CheckpointError",
     "UnreadableFileError",
     "REGISTRY",
+    "DINOV2_REGISTRY",
     "WeightSpec",
+    "load_backbone",
     "load_dino",
     "read_checkpoint",
     "resolve_base_url",
@@ -41,9 +53,14 @@ __all__ = [
 _UNPINNED_WARNED: set[str] = set()
 
 
-def resolve_base_url(base_url: str | None = None) -> str:
-    """The download base: `base_url`, else $STEGO_JAX_WEIGHTS_URL, else the official host."""
-    return base_url or os.environ.get("STEGO_JAX_WEIGHTS_URL") or DEFAULT_BASE_URL
+def resolve_base_url(base_url: str | None = None, spec: WeightSpec | None = None) -> str:
+    """The download base: `base_url`, else $STEGO_JAX_WEIGHTS_URL (a mirror holding every
+    registry path under one base), else the official host of `spec` (DINO's by default)."""
+    return (
+        base_url
+        or os.environ.get("STEGO_JAX_WEIGHTS_URL")
+        or (spec.base_url if spec is not None else DEFAULT_BASE_URL)
+    )
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -67,28 +84,37 @@ def read_checkpoint(path: str | Path) -> Any:
     )
 
 
-def load_dino(
+def load_backbone(
     name_or_path: str | Path,
     *,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     base_url: str | None = None,
     num_heads: int | None = None,
-) -> tuple[ViTConfig, dict[str, Any]]:
-    """Loads a DINO ViT backbone as (ViTConfig, Flax params of float32 numpy arrays).
+    **overrides: Any,
+) -> tuple[ViTConfig | DinoV2Config, dict[str, Any]]:
+    """Loads a frozen backbone as (config, Flax params of float32 numpy arrays), any family.
 
-    `name_or_path` is a registry name (see `REGISTRY`: dino_vits16, dino_vits8, dino_vits8_300ep,
-    dino_vitb16, dino_vitb8), downloaded once into `cache_dir` (default $STEGO_JAX_CACHE or
-    ~/.cache/stego_jax/weights) from `base_url` (default $STEGO_JAX_WEIGHTS_URL or the official
-    host), or a local file in the DINO/timm, Hugging Face ViT or flat Flax ('a/b/c') key layout.
-    The architecture comes from the tensor shapes; `num_heads` overrides the default
-    embed_dim // 64 (for registry names it comes from the registry).
+    `name_or_path` is a registry name (DINO: dino_vits16, dino_vits8, dino_vits8_300ep,
+    dino_vitb16, dino_vitb8; DINOv2: dinov2_vit{s,b,l,g}14 and their `_reg` variants),
+    downloaded once into `cache_dir` (default $STEGO_JAX_CACHE or ~/.cache/stego_jax/weights)
+    from `base_url` (default $STEGO_JAX_WEIGHTS_URL or the family's official host), or a local
+    .pth/.pt/.safetensors/.npz file in any supported key layout (DINO/timm, Hugging Face ViT or
+    Dinov2, flat Flax 'a/b/c'). The family (DINOv2 files have LayerScale, mask or register
+    tokens, or a SwiGLU FFN), FFN type, registers and stored grid come from the tensors; the
+    DINOv2 interpolation settings are the official hub builders' for that kind of model. A
+    registry file must hold exactly the entry's architecture, else the error names the tensor.
+    `num_heads` overrides the default embed_dim // 64; `overrides` replace config fields
+    (`ViTConfig` or `DinoV2Config`, e.g. interpolate_antialias=False).
+
+    Returns `ViTConfig` for DINO v1 and `DinoV2Config` for DINOv2; `stego_jax.models.build_backbone`
+    makes the matching module.
     """
     path = Path(name_or_path).expanduser()
-    if isinstance(name_or_path, str) and name_or_path in REGISTRY:
-        spec = get_spec(name_or_path)
+    if is_registered(name_or_path):
+        spec = get_spec(str(name_or_path))
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        url = spec.url(resolve_base_url(base_url))
+        url = spec.url(resolve_base_url(base_url, spec))
         if spec.sha256 is None and spec.name not in _UNPINNED_WARNED:
             _UNPINNED_WARNED.add(spec.name)
             warnings.warn(
@@ -105,6 +131,8 @@ def load_dino(
             progress=progress,
         )
         sd = select_state_dict(read_checkpoint(path), str(path))
+        if spec.family == "dinov2":
+            return _load_registered_dinov2(spec, sd, str(path), num_heads, overrides)
         # Check the architecture first: a wrong file should say so, not fail on some derived shape.
         arch = infer_config(to_dino_layout(sd, str(path))[0], str(path), num_heads=1)
         found = (arch.patch_size, arch.embed_dim, arch.depth)
@@ -115,11 +143,62 @@ def load_dino(
                 f"expected {want}; the file is not the {spec.name} checkpoint. Delete it and load "
                 "again to re-download it."
             )
-        return convert_state_dict(sd, str(path), num_heads or spec.num_heads)
+        return _v1(sd, str(path), num_heads or spec.num_heads, overrides)
     if not path.exists():
         raise FileNotFoundError(
-            f"{name_or_path!s} is neither a registry name ({sorted(REGISTRY)}) nor an existing file"
+            f"{name_or_path!s} is neither a registry name "
+            f"({sorted(REGISTRY) + sorted(DINOV2_REGISTRY)}) nor an existing file"
         )
-    return convert_state_dict(
-        select_state_dict(read_checkpoint(path), str(path)), str(path), num_heads
+    sd = select_state_dict(read_checkpoint(path), str(path))
+    if convert_dinov2.looks_like_dinov2(sd):
+        return convert_dinov2.convert_state_dict(sd, str(path), num_heads, **overrides)
+    return _v1(sd, str(path), num_heads, overrides)
+
+
+def _v1(sd, where: str, num_heads: int | None, overrides: dict[str, Any]):
+    cfg, params = convert_state_dict(sd, where, num_heads)
+    if overrides:
+        cfg = convert_dinov2.apply_overrides(cfg, overrides)
+    return cfg, params
+
+
+def _load_registered_dinov2(spec: WeightSpec, sd, where: str, num_heads, overrides):
+    """A registry DINOv2 file against its hub configuration (the entry's name)."""
+    claimed = dinov2_config(spec.name)
+    claimed = dataclasses.replace(
+        claimed,
+        patch_size=spec.patch_size,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        num_register_tokens=spec.num_register_tokens,
+    )
+    try:
+        return convert_dinov2.convert_state_dict(
+            sd, where, num_heads, claimed=claimed, **overrides
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; the file is not the {spec.name} checkpoint. Delete it and load again to "
+            "re-download it."
+        ) from None
+
+
+def load_dino(
+    name_or_path: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    base_url: str | None = None,
+    num_heads: int | None = None,
+    **overrides: Any,
+) -> tuple[ViTConfig | DinoV2Config, dict[str, Any]]:
+    """Alias of `load_backbone` (kept for existing callers)."""
+    return load_backbone(
+        name_or_path,
+        cache_dir=cache_dir,
+        progress=progress,
+        base_url=base_url,
+        num_heads=num_heads,
+        **overrides,
     )

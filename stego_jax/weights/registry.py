@@ -1,4 +1,4 @@
-"""Named DINO backbone checkpoints: where each is published and which ViT it holds."""
+"""Named DINO and DINOv2 backbone checkpoints: where each is published and which ViT it holds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 
 # The official host (facebookresearch/dino:hubconf.py, mhamilton723/STEGO:src/modules.py).
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/dino"
+# The DINOv2 host (facebookresearch/dinov2:dinov2/hub/utils.py `_DINOV2_BASE_URL`).
+DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,10 @@ class WeightSpec:
     num_heads: int
     sha256: str | None = None
     sha256_source: str | None = None
+    # "dino" (DINO v1 ViT) or "dinov2"; the host the path is under; DINOv2 register tokens.
+    family: str = "dino"
+    base_url: str = DEFAULT_BASE_URL
+    num_register_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
@@ -75,12 +81,52 @@ REGISTRY: dict[str, WeightSpec] = {
 }
 
 
+
+def _dinov2(arch: str, embed_dim: int, depth: int, heads: int, reg: bool) -> WeightSpec:
+    # dinov2/hub/backbones.py: f"{base}/{model_base_name}/{model_full_name}_pretrain.pth", the
+    # full name carrying "_reg4" for the register models.
+    name = f"dinov2_{arch}14" + ("_reg" if reg else "")
+    stem = f"dinov2_{arch}14"
+    return WeightSpec(
+        name,
+        f"{stem}/{stem}{'_reg4' if reg else ''}_pretrain.pth",
+        14,
+        embed_dim,
+        depth,
+        heads,
+        family="dinov2",
+        base_url=DINOV2_BASE_URL,
+        num_register_tokens=4 if reg else 0,
+    )
+
+
+# DINOv2 hub checkpoints (the URLs of the dinov2 README and hub builders). Unpinned for the same
+# reason as the DINO ones: neither the README nor the hub code publishes a digest, and the file
+# names carry no hash prefix (torch.hub loads them without check_hash).
+DINOV2_REGISTRY: dict[str, WeightSpec] = {
+    s.name: s
+    for reg in (False, True)
+    for s in (
+        _dinov2("vits", 384, 12, 6, reg),
+        _dinov2("vitb", 768, 12, 12, reg),
+        _dinov2("vitl", 1024, 24, 16, reg),
+        _dinov2("vitg", 1536, 40, 24, reg),
+    )
+}
+
+
+def is_registered(name: object) -> bool:
+    """Whether `name` is a registry name of any family."""
+    return isinstance(name, str) and (name in REGISTRY or name in DINOV2_REGISTRY)
+
+
 def get_spec(name: str) -> WeightSpec:
     """Looks up a registry name; ValueError listing the known names otherwise."""
+    known = {**REGISTRY, **DINOV2_REGISTRY}
     try:
-        return REGISTRY[name]
+        return known[name]
     except KeyError:
         raise ValueError(
-            f"unknown DINO checkpoint {name!r}: known names are {sorted(REGISTRY)}; "
+            f"unknown backbone checkpoint {name!r}: known names are {sorted(known)}; "
             "or pass the path of a local .pth/.pt/.safetensors/.npz file"
         ) from None
