@@ -1,4 +1,4 @@
-"""Import a released STEGO checkpoint: `python -m stego_jax.official CKPT --workdir W [--num_heads N]`.
+"""Import a released STEGO checkpoint: `python -m stego_jax.official CKPT --workdir W [--data_root DIR] [--num_heads N]`.
 
 CKPT is a PyTorch Lightning `.ckpt` of the official `LitUnsupervisedSegmenter`
 (mhamilton723/STEGO, src/train_segmentation.py), or the name of one of the released checkpoints
@@ -267,9 +267,11 @@ def _jsonable(x: Any) -> Any:
 # ----------------------------------------------------------------------------------------
 
 def import_checkpoint(path: str | Path, workdir: str, *, num_heads: int | None = None,
-                      cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+                      data_root: str = "", cache_dir: str | Path | None = None,
+                      progress: bool = True) -> dict:
     """Imports an official STEGO `.ckpt` (a path, or a name in `RELEASED`, downloaded first) into a
     new run directory `workdir` (see the module docstring); returns the written config as a dict.
+    `data_root` is where the run's dataset lives (config.data.root; evaluation needs it).
 
     Raises FileExistsError when `workdir` already holds a run, CheckpointError (a ValueError) when the
     file is not an official checkpoint stego_jax can run, naming what is missing or unsupported.
@@ -283,6 +285,7 @@ def import_checkpoint(path: str | Path, workdir: str, *, num_heads: int | None =
         raise FileExistsError(f"{workdir} already holds a run ({CONFIG}); import into a new --workdir")
     read = read_official(path, num_heads=num_heads)
     config, params = read["config"], read["params"]
+    config.data.root = str(data_root or "")
     prepare_workdir(workdir)
     tmp = os.path.join(workdir, BACKBONE_FILE + ".tmp.npz")
     np.savez(tmp, **read["backbone"])
@@ -318,17 +321,21 @@ def _define(fv, argv) -> None:
     flags.DEFINE_string("workdir", None, "new run directory to write", flag_values=fv, required=True)
     flags.DEFINE_integer("num_heads", None, "ViT head count (default: width / 64, as the official "
                          "models)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("data_root", "", "where the checkpoint's dataset lives, prepared "
+                        "(config.data.root, needed by evaluate)", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, "where released checkpoints are downloaded (default: "
                         "$STEGO_JAX_CACHE or ~/.cache/stego_jax/weights)", flag_values=fv)
 
 
 def _main(fv, args) -> int:
-    config = import_checkpoint(args[0], fv.workdir, num_heads=fv.num_heads, cache_dir=fv.cache_dir)
+    config = import_checkpoint(args[0], fv.workdir, num_heads=fv.num_heads, data_root=fv.data_root,
+                               cache_dir=fv.cache_dir)
     m = config["model"]
     print(f"imported {args[0]} into {fv.workdir}: {config['data']['name']} ({config['data']['n_classes']} "
           f"classes), DINO ViT patch {m['patch_size']} with {m['num_heads']} heads, code dim {m['dim']}, "
           f"{m['projection']} head, {m['extra_clusters']} extra cluster(s). Next:\n"
-          f"  python -m stego_jax.evaluate --workdir {fv.workdir} --config.data.root=DATA\n"
+          f"  python -m stego_jax.evaluate --workdir {fv.workdir}"
+          f"{'' if fv.data_root else '   (after --data_root DIR at import, or data.root set in config.json)'}\n"
           f"  python -m stego_jax.predict --workdir {fv.workdir} --images DIR --out OUT")
     return 0
 

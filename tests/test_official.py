@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import zipfile
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_released_registry_names_the_official_files():
 def test_evaluate_and_predict_run_on_an_imported_checkpoint(runs, tmp_path, capsys):
     # The command line imports too.
     w = str(tmp_path / "run")
-    assert official.main([PL14, "--workdir", w, "--num_heads", "2"]) == 0
+    assert official.main([PL14, "--workdir", w, "--num_heads", "2", "--data_root", "somewhere"]) == 0
     assert "imported" in capsys.readouterr().out
     # An image folder with 3-class labels stands in for Potsdam: say so in the run's config.json.
     root = tmp_path / "data"
@@ -176,3 +177,15 @@ def test_evaluate_and_predict_run_on_an_imported_checkpoint(runs, tmp_path, caps
     assert len(summary["written"]) == len(imgs) and not summary["failed"]
     labels = np.asarray(Image.open(tmp_path / "pred" / "labels" / "0.png"))
     assert labels.shape == imgs.shape[1:3]
+
+
+def test_reproduce_released_dry_run_prints_import_and_evaluate(tmp_path):
+    script = os.path.join(os.path.dirname(FIX), "..", "experiments", "reproduce_released.sh")
+    p = subprocess.run(["bash", script, "potsdam3", "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "DATA_DIR": "d", "WORKDIR": "w", "PYTHON": "py"})
+    assert p.returncode == 0, p.stderr
+    assert f"+ py -m stego_jax.official potsdam_test --workdir {tmp_path}/w --data_root={tmp_path}/d" in p.stdout
+    assert f"+ py -m stego_jax.evaluate --workdir {tmp_path}/w" in p.stdout
+    assert "| potsdam_test.ckpt, official eval script | 77.03 | 62.57 | 85.85 | 74.83 |" in p.stdout
+    bad = subprocess.run(["bash", script, "voc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "DATASET must be" in bad.stderr
