@@ -224,21 +224,10 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
                    use_linear: bool = False, batch_size: int = 8, quiet: bool = False) -> dict:
     """Segment every image in `images_dir` (see the module docstring for sizes, names and skips);
     returns {"written": [...], "failed": {path: reason}, "outputs": {path: output name}}."""
-    config = load_run_config(workdir)
-    validate(config)
+    seg = Segmenter(workdir)
+    config, featurizer = seg.config, seg.featurizer
     crf = bool(config.eval.crf) if crf is None else crf
-    featurizer = run_featurizer(config, workdir)
-    modules = build_modules(config)
-    # One device: images of different sizes come in small groups, not worth a mesh.
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    params = jax.device_put(restore_params(workdir, config, featurizer.dim), jax.devices()[0])
-    code_fn = make_code_fn(modules, make_featurize(featurizer, mesh), flip=config.eval.flip)
     names, lut = legend_names(workdir, config, use_linear)
-    which = "linear" if use_linear else "cluster"
-
-    @jax.jit
-    def logits_fn(params, c, hw_like):
-        return probe_outputs(modules, params, c, hw_like.shape[1:3])[which]
 
     os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
@@ -258,8 +247,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
             small = np.stack([resize(img, hw) for _, img in chunk])
             if len(paths) > batch_size:  # several batches of this size: one padded shape
                 small = pad_rows(small, batch_size)
-            c = code_fn(featurizer.params, params["head"], jnp.asarray(small))
-            lg = np.asarray(logits_fn(params, c, jnp.zeros(small.shape[:3])))[:len(chunk)]
+            lg = seg.logits(small)[1 if use_linear else 0][:len(chunk)]
             if crf:
                 pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
                                                      processes=config.eval.get("crf_processes", 0)))

@@ -3,7 +3,6 @@ the official code's, hostile files refused, evaluate and predict on an imported 
 
 The fixtures were written with the official code by tests/fixtures/make_official_ckpt_fixture.py."""
 
-import io
 import json
 import os
 import pickle
