@@ -23,11 +23,27 @@ FEATURIZER_STATS = "featurizer.npz"
 # The run's featurizer
 # ----------------------------------------------------------------------------------------
 
+def backbone_in_workdir(config, workdir: str | None):
+    """`config` with `model.backbone` resolved against `workdir` when it names a file there by a
+    relative path (a run that carries its own backbone, e.g. an imported official checkpoint's
+    `backbone.npz`); otherwise `config` itself (a registry name, or a path from the current directory)."""
+    backbone = str(config.model.get("backbone", ""))
+    if not workdir or not backbone or os.path.isabs(backbone):
+        return config
+    path = os.path.join(workdir, backbone)
+    if not os.path.isfile(path):
+        return config
+    resolved = config.copy_and_resolve_references()
+    resolved.model.backbone = os.path.abspath(path)
+    return resolved
+
+
 def run_featurizer(config, workdir: str | None, *, fit: bool = False, train_ds=None,
                    train_images: np.ndarray | None = None) -> Featurizer:
     """The frozen featurizer of the run in `workdir`.
 
-    A DINO featurizer depends on the config alone. The 'descriptor' demo featurizer z-scores
+    A DINO featurizer depends on the config alone (its `model.backbone` read relative to `workdir`
+    when the run carries the file, see `backbone_in_workdir`). The 'descriptor' demo featurizer z-scores
     with statistics fitted on the training images and kept in `<workdir>/featurizer.npz`:
     they are read from there when present; otherwise, with `fit=True` (training), fitted on the
     training split (`train_images`, else `train_ds`, else the config's dataset; the fit is
@@ -35,7 +51,7 @@ def run_featurizer(config, workdir: str | None, *, fit: bool = False, train_ds=N
     their absence is an error naming the file.
     """
     if config.model.featurizer != "descriptor":
-        return build_featurizer(config)
+        return build_featurizer(backbone_in_workdir(config, workdir))
     path = os.path.join(workdir, FEATURIZER_STATS) if workdir else None
     have = bool(path) and os.path.exists(path)
     if not fit:

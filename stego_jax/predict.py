@@ -137,25 +137,97 @@ def _write(img: np.ndarray, pred: np.ndarray, lut, names: list[str], out_dir: st
     Image.fromarray(viz.overlay(img, full, names)).save(os.path.join(out_dir, "overlays", name + ".png"))
 
 
+class Segmenter:
+    """A finished run, loaded once, segmenting uint8 RGB batches (see `segment`): its featurizer,
+    parameters and compiled functions (one program per input shape)."""
+
+    def __init__(self, workdir: str):
+        self.config = config = load_run_config(workdir)
+        validate(config)
+        self.featurizer = run_featurizer(config, workdir)
+        self.modules = modules = build_modules(config)
+        self.device = jax.devices()[0]
+        # One device: images of different sizes come in small groups, not worth a mesh.
+        mesh = parallel.make_mesh([self.device])
+        self.params = jax.device_put(restore_params(workdir, config, self.featurizer.dim), self.device)
+        self.code_fn = make_code_fn(modules, make_featurize(self.featurizer, mesh), flip=config.eval.flip)
+
+        @jax.jit
+        def logits_fn(params, c, hw_like):
+            out = probe_outputs(modules, params, c, hw_like.shape[1:3])
+            return out["cluster"], out["linear"]
+
+        self.logits_fn = logits_fn
+
+    def logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(2*cos cluster logits, linear logits), each [B,H,W,K] float32, of uint8 images [B,H,W,3]."""
+        images = np.asarray(images)
+        p = self.featurizer.patch_size
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 RGB [B,H,W,3], got {images.dtype} {list(images.shape)}")
+        if images.shape[1] % p or images.shape[2] % p:
+            raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of the "
+                             f"patch size {p}; resize or crop the images first")
+        c = self.code_fn(self.featurizer.params, self.params["head"], jnp.asarray(images))
+        cl, li = self.logits_fn(self.params, c, jnp.zeros(images.shape[:3]))
+        return np.asarray(cl), np.asarray(li)
+
+    def labels(self, images: np.ndarray, *, crf: bool = False,
+               which: tuple[str, ...] = ("cluster", "linear"),
+               official_image: bool = False) -> dict[str, np.ndarray]:
+        """{probe: int32 [B,H,W]} for the probes in `which`, after the dense CRF when `crf` (on
+        `official_crf_image(images)` when `official_image`, else on the images themselves)."""
+        cl, li = self.logits(images)
+        logits = [{"cluster": cl, "linear": li}[k] for k in which]
+        if crf:
+            rgb = official_crf_image(images) if official_image else images
+            labels = crf_lib.crf_labels(rgb, logits, backend=self.config.eval.crf_backend,
+                                        processes=self.config.eval.get("crf_processes", 0))
+        else:
+            labels = [lg.argmax(-1) for lg in logits]
+        return {k: np.asarray(v).astype(np.int32) for k, v in zip(which, labels)}
+
+
+_SEGMENTERS: dict[tuple, Segmenter] = {}
+_IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+
+def official_crf_image(images: np.ndarray) -> np.ndarray:
+    """The RGB image the official dense CRF sees (src/crf.py): the ImageNet-normalised float32 image
+    un-normalised and turned back into uint8 by torchvision's `to_pil_image` (`mul(255).byte()`, a
+    truncation), which leaves some pixels one level darker than the input (about 7% of them)."""
+    x = (np.asarray(images, np.float32) / np.float32(255) - _IMAGENET_MEAN) / _IMAGENET_STD
+    return ((x * _IMAGENET_STD + _IMAGENET_MEAN) * np.float32(255)).astype(np.uint8)
+
+
+def segment(workdir: str, images: np.ndarray, *, crf: bool = False) -> dict[str, np.ndarray]:
+    """Segments uint8 RGB images [B,H,W,3] (sides multiples of the patch size) with the run in `workdir`.
+
+    The official evaluation path: ImageNet normalisation, codes averaged with the horizontally flipped
+    image's (the run's `eval.flip`, on by default), bilinear upsampling to the image size
+    (align_corners=False), the linear probe and the cluster probe (softmax of 2*cosine to the cluster
+    centres), the dense CRF on both when `crf` (given the image exactly as the official CRF sees it,
+    see `official_crf_image`), argmax. Returns {"cluster": int32 [B,H,W] raw cluster
+    indices, "linear": int32 [B,H,W] class indices}. The run is loaded once per process (again when its
+    config.json changes) and each input shape compiled once.
+    """
+    key = (os.path.realpath(workdir), os.stat(os.path.join(workdir, "config.json")).st_mtime_ns
+           if os.path.exists(os.path.join(workdir, "config.json")) else None)
+    if key not in _SEGMENTERS:
+        _SEGMENTERS.clear()
+        _SEGMENTERS[key] = Segmenter(workdir)
+    return _SEGMENTERS[key].labels(images, crf=crf, official_image=True)
+
+
 def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | None = None,
                    use_linear: bool = False, batch_size: int = 8, quiet: bool = False) -> dict:
     """Segment every image in `images_dir` (see the module docstring for sizes, names and skips);
     returns {"written": [...], "failed": {path: reason}, "outputs": {path: output name}}."""
-    config = load_run_config(workdir)
-    validate(config)
+    seg = Segmenter(workdir)
+    config, featurizer = seg.config, seg.featurizer
     crf = bool(config.eval.crf) if crf is None else crf
-    featurizer = run_featurizer(config, workdir)
-    modules = build_modules(config)
-    # One device: images of different sizes come in small groups, not worth a mesh.
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    params = jax.device_put(restore_params(workdir, config, featurizer.dim), jax.devices()[0])
-    code_fn = make_code_fn(modules, make_featurize(featurizer, mesh), flip=config.eval.flip)
     names, lut = legend_names(workdir, config, use_linear)
-    which = "linear" if use_linear else "cluster"
-
-    @jax.jit
-    def logits_fn(params, c, hw_like):
-        return probe_outputs(modules, params, c, hw_like.shape[1:3])[which]
 
     os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
@@ -175,8 +247,7 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
             small = np.stack([resize(img, hw) for _, img in chunk])
             if len(paths) > batch_size:  # several batches of this size: one padded shape
                 small = pad_rows(small, batch_size)
-            c = code_fn(featurizer.params, params["head"], jnp.asarray(small))
-            lg = np.asarray(logits_fn(params, c, jnp.zeros(small.shape[:3])))[:len(chunk)]
+            lg = seg.logits(small)[1 if use_linear else 0][:len(chunk)]
             if crf:
                 pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
                                                      processes=config.eval.get("crf_processes", 0)))

@@ -1,7 +1,8 @@
 """Torch-free reader for PyTorch checkpoints (zip and legacy format) through a restricted unpickler.
 
-Only the globals a tensor state dict needs can be named by the pickle; anything else is refused
-before it is called, so no code from a checkpoint ever runs.
+Only the globals a tensor state dict needs (and those of a PyTorch Lightning .ckpt: omegaconf
+hyper-parameters, callback and optimizer states, rebuilt as plain dicts) can be named by the pickle;
+anything else is refused before it is called, so no code from a checkpoint ever runs.
 """
 
 from __future__ import annotations
@@ -179,6 +180,49 @@ def _rebuild_parameter(
     return data
 
 
+def _plain_dict(*args: Any) -> dict:
+    """Stand-in for collections.defaultdict(factory) and builtins.dict: always a plain dict.
+
+    A pickled defaultdict is REDUCE(defaultdict, (factory,)) followed by SETITEMS; the factory
+    (only ever the `dict` stand-in here) is dropped, so nothing is ever called on a missing key.
+    """
+    if len(args) > 1 or (args and args[0] is not _plain_dict and args[0] is not None):
+        raise _Refused("malformed checkpoint: a dict is built from unexpected arguments")
+    return {}
+
+
+class _PickledState:
+    """Stands in for an omegaconf object unpickled by NEWOBJ + BUILD: only keeps the state dict.
+
+    `_materialize` turns it into plain data (a dict for a DictConfig, the value for a node); the
+    omegaconf classes themselves are never imported or run.
+    """
+
+    kind = ""
+
+    def __new__(cls, *args: Any) -> "_PickledState":
+        if args:
+            raise _Refused(f"malformed checkpoint: omegaconf {cls.kind} built with arguments")
+        return super().__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise _Refused(f"malformed checkpoint: omegaconf {self.kind} state is not a dict")
+        self.state = state
+
+
+class _DictConfig(_PickledState):
+    kind = "DictConfig"
+
+
+class _AnyNode(_PickledState):
+    kind = "AnyNode"
+
+
+class _Metadata(_PickledState):
+    kind = "Metadata"
+
+
 # (module, name) -> the harmless stand-in returned by find_class.
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -190,6 +234,20 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     # attributes.
     # Unpickled by NEWOBJ + BUILD, i.e. object.__new__ and a __dict__ update: nothing else runs.
     ("argparse", "Namespace"): argparse.Namespace,
+    # PyTorch Lightning .ckpt files (the released STEGO checkpoints): hyper-parameters saved as an
+    # omegaconf DictConfig, callback states, optimizer states. Rebuilt as plain Python data.
+    ("collections", "defaultdict"): _plain_dict,
+    ("builtins", "dict"): _plain_dict,
+    ("__builtin__", "dict"): _plain_dict,  # protocol-2 pickles name builtins so
+    ("typing", "Any"): "typing.Any",  # a string: cannot be called or instantiated
+    ("omegaconf.dictconfig", "DictConfig"): _DictConfig,
+    ("omegaconf.base", "ContainerMetadata"): _Metadata,
+    ("omegaconf.base", "Metadata"): _Metadata,
+    ("omegaconf.nodes", "AnyNode"): _AnyNode,
+    # Lightning <= 1.4 keys callback states by the callback class: only its name is kept.
+    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): (
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+    ),
     **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
 
@@ -452,6 +510,16 @@ def _materialize(obj: Any) -> Any:
         return tuple(_materialize(v) for v in obj)
     if isinstance(obj, argparse.Namespace):
         return argparse.Namespace(**{k: _materialize(v) for k, v in vars(obj).items()})
+    if isinstance(obj, _DictConfig):
+        # Only the content: `_parent` points back up the tree, `_metadata` is typing information.
+        content = getattr(obj, "state", {}).get("_content")
+        if isinstance(content, dict):
+            return {k: _materialize(v) for k, v in content.items()}
+        return content  # None (an empty config) or a '???' / interpolation string
+    if isinstance(obj, _AnyNode):
+        return _materialize(getattr(obj, "state", {}).get("_val"))
+    if isinstance(obj, _Metadata):
+        return None
     return obj
 
 
@@ -461,7 +529,8 @@ def load_torch_checkpoint(path: str | Path) -> Any:
     Returns the saved object with every tensor as a numpy array (float32/float16/bfloat16/int64/...,
     same shape and values). Raises FileNotFoundError if `path` is missing and CheckpointError (a
     ValueError) naming the file and the fix if it is truncated, corrupt, not a torch checkpoint, or
-    names anything beyond tensors, storages, dicts and argparse args. Sizes the file declares are
+    names anything beyond tensors, storages, dicts, argparse args and a Lightning checkpoint's
+    omegaconf hyper-parameters (returned as plain dicts) and callback class. Sizes the file declares are
     checked against what it holds before anything is allocated.
     """
     path = Path(path)
