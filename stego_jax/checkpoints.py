@@ -89,10 +89,13 @@ class Checkpoints:
     def save(self, step: int, state, metrics_: dict | None = None) -> None:
         """Save `state` at `step` (and as the best when `metrics_` is given), wait for the write to
         finish and record the checksums of the files written."""
+        # One save at a time: orbax names its multi-process commit barriers by step
+        # ("_async_write_complete.<step>"), so two managers saving the same step at once collide.
         self.last.save(step, args=ocp.args.StandardSave(state))
+        self.last.wait_until_finished()
         if metrics_ is not None:
             self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics_)
-        self.wait()
+            self.best.wait_until_finished()
         if jax.process_index() == 0:
             for kind in self.KINDS if metrics_ is not None else ("checkpoints",):
                 self._record(kind, step)

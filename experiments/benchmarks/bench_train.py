@@ -53,7 +53,7 @@ def make_config(model: str, dtype: str, batch: int, res: int, n_classes: int = 2
 
 def random_featurizer(config, seed: int = 0):
     """`featurizers.build_dino(config)` (the production code path: dtype, float32 output) with
-    `load_dino` replaced by random parameters of the named variant's shapes."""
+    `load_backbone` replaced by random parameters of the named variant's shapes."""
     import jax.numpy as jnp
     from bench_backbone import _random_params
 
@@ -62,7 +62,7 @@ def random_featurizer(config, seed: int = 0):
 
     cfg = vit.vit_config(config.model.backbone)
     params = _random_params(vit.VisionTransformer(cfg, dtype=jnp.float32), seed)
-    with mock.patch("stego_jax.featurizers.load_dino", lambda name, **kw: (cfg, params)):
+    with mock.patch("stego_jax.featurizers.load_backbone", lambda name, **kw: (cfg, params)):
         return featurizers.build_dino(config)
 
 
