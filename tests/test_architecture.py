@@ -20,7 +20,7 @@ LAYERS = [
     ("steps", ["stego_jax.steps", "stego_jax.featurize"]),
     ("sources", ["stego_jax.knn", "stego_jax.feature_cache", "stego_jax.feature_sources"]),
     ("run", ["stego_jax.checkpoints", "stego_jax.writers", "stego_jax.viz"]),
-    ("programs", ["stego_jax.train", "stego_jax.evaluate", "stego_jax.predict", "stego_jax.demo"]),
+    ("programs", ["stego_jax.train", "stego_jax.evaluate", "stego_jax.predict", "stego_jax.demo", "stego_jax.sweep"]),
 ]
 
 
