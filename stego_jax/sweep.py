@@ -364,9 +364,6 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     featurizer, source, val_batches = build_training_data(config, workdir, mesh)
     record = _sweep_record(config, settings, featurizer.dim, kp, shard)
     _check_same_sweep(workdir, record)
-    with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
 
     modules = build_modules(config)
     k_sh, b_sh = shardings(mesh, shard)
@@ -388,6 +385,9 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     compiled = step_jit.lower(state, example, step_keys, hparams, data_index).compile()
     _check_memory(compiled, kp, config, modules, mesh, shard, example, featurizer.dim, memory_limit_mb,
                   len(distinct) == 1)
+    with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
 
     ckpts = Checkpoints(os.path.join(workdir, STATE_DIR), config.keep_checkpoints)
     diverged = np.zeros(kp, np.int64)  # first non-finite step of each setting, 0 = none
