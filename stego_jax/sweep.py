@@ -325,6 +325,10 @@ def _check_same_sweep(workdir: str, record: dict) -> None:
     if old.get("settings") != record["settings"]:
         raise ValueError(f"{workdir} holds a sweep of other settings ({path}); resume it with the same --sweep "
                          f"and --sample flags, or use a new --workdir")
+    if old.get("padded_k", record["padded_k"]) != record["padded_k"]:
+        raise ValueError(f"{workdir} holds a sweep stacked as {old['padded_k']} settings ({old.get('shard')} "
+                         f"split), this start would stack {record['padded_k']}: resume it with --shard "
+                         f"{old.get('shard')} on the same number of devices")
     a, b = flatten(old["config"]), flatten(record["config"])
     moving = {"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_val_images"}
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in moving
