@@ -21,7 +21,7 @@ LAYERS = [
     ("sources", ["stego_jax.knn", "stego_jax.feature_cache", "stego_jax.feature_sources"]),
     ("run", ["stego_jax.checkpoints", "stego_jax.writers", "stego_jax.viz"]),
     ("programs", ["stego_jax.train", "stego_jax.evaluate", "stego_jax.predict", "stego_jax.demo",
-                  "stego_jax.official"]),
+                  "stego_jax.official", "stego_jax.sweep"]),
 ]
 
 
