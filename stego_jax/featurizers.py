@@ -63,10 +63,15 @@ def _dtype(name: str):
     return allowed[name]
 
 
-def build_dino(config) -> Featurizer:
-    """DINO or DINOv2 ViT from a registry name or a checkpoint path (`config.model.backbone`).
+_FAMILY_NAMES = {"dino": "DINO", "dinov2": "DINOv2", "dinov3": "DINOv3"}
 
-    The features are the final-norm patch tokens; CLS and any DINOv2 register tokens are dropped.
+
+def build_dino(config) -> Featurizer:
+    """DINO, DINOv2 or DINOv3 ViT from a registry name or a checkpoint path
+    (`config.model.backbone`).
+
+    The features are the final-norm patch tokens; CLS and any DINOv2 register or DINOv3 storage
+    tokens are dropped.
     """
     backbone = str(config.model.backbone)
     vit_config, params = load_backbone(
@@ -91,7 +96,7 @@ def build_dino(config) -> Featurizer:
         patch_size=p,
         dim=vit_config.embed_dim,
         description=(
-            f"frozen {'DINOv2' if family == 'dinov2' else 'DINO'} ViT ({backbone}, patch {p}, "
+            f"frozen {_FAMILY_NAMES.get(family, 'DINO')} ViT ({backbone}, patch {p}, "
             f"dim {vit_config.embed_dim})"
         ),
     )

@@ -1,4 +1,4 @@
-"""Backbone weights (DINO v1 and DINOv2): registry, cached download, torch-free checkpoint reading
+"""Backbone weights (DINO v1, DINOv2, DINOv3): registry, cached download, torch-free checkpoint reading
 and conversion to the Flax backbone params."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from stego_jax.models.dinov2 import DinoV2Config, dinov2_config
+from stego_jax.models.dinov3 import DinoV3Config, dinov3_config
 from stego_jax.models.vit import ViTConfig
-from stego_jax.weights import convert_dinov2
+from stego_jax.weights import convert_dinov2, convert_dinov3
 from stego_jax.weights.convert import (
     convert_state_dict,
     flatten_params,
@@ -24,6 +25,8 @@ from stego_jax.weights.errors import CheckpointError, UnreadableFileError
 from stego_jax.weights.registry import (
     DEFAULT_BASE_URL,
     DINOV2_REGISTRY,
+    DINOV3_REGISTRY,
+    DINOV3_REQUEST_URL,
     REGISTRY,
     WeightSpec,
     get_spec,
@@ -37,6 +40,8 @@ __all__ = [
     "UnreadableFileError",
     "REGISTRY",
     "DINOV2_REGISTRY",
+    "DINOV3_REGISTRY",
+    "dinov3_dir",
     "WeightSpec",
     "load_backbone",
     "load_dino",
@@ -92,7 +97,7 @@ def load_backbone(
     base_url: str | None = None,
     num_heads: int | None = None,
     **overrides: Any,
-) -> tuple[ViTConfig | DinoV2Config, dict[str, Any]]:
+) -> tuple[ViTConfig | DinoV2Config | DinoV3Config, dict[str, Any]]:
     """Loads a frozen backbone as (config, Flax params of float32 numpy arrays), any family.
 
     `name_or_path` is a registry name (DINO: dino_vits16, dino_vits8, dino_vits8_300ep,
@@ -107,10 +112,21 @@ def load_backbone(
     `num_heads` overrides the default embed_dim // 64; `overrides` replace config fields
     (`ViTConfig` or `DinoV2Config`, e.g. interpolate_antialias=False).
 
-    Returns `ViTConfig` for DINO v1 and `DinoV2Config` for DINOv2; `stego_jax.models.build_backbone`
-    makes the matching module.
+    DINOv3 (dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16) is never downloaded:
+    its weights are released after a request, and a registry name is the official file found in
+    `dinov3_dir()` ($STEGO_JAX_DINOV3_DIR, default <cache_dir>/dinov3); a path to the official
+    .pth works too. A DINOv3 file (storage tokens, RoPE periods or a key-bias mask) is read in
+    the official key layout only; its heads come from the RoPE periods.
+
+    Returns `ViTConfig` for DINO v1, `DinoV2Config` for DINOv2, `DinoV3Config` for DINOv3;
+    `stego_jax.models.build_backbone` makes the matching module.
     """
     path = Path(name_or_path).expanduser()
+    if str(name_or_path) in DINOV3_REGISTRY:
+        spec = DINOV3_REGISTRY[str(name_or_path)]
+        path = _find_dinov3(spec, cache_dir)
+        sd = select_state_dict(read_checkpoint(path), str(path))
+        return _load_registered_dinov3(spec, sd, str(path), num_heads, overrides)
     if is_registered(name_or_path):
         spec = get_spec(str(name_or_path))
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -147,9 +163,13 @@ def load_backbone(
     if not path.exists():
         raise FileNotFoundError(
             f"{name_or_path!s} is neither a registry name "
-            f"({sorted(REGISTRY) + sorted(DINOV2_REGISTRY)}) nor an existing file"
+            f"({sorted(REGISTRY) + sorted(DINOV2_REGISTRY) + sorted(DINOV3_REGISTRY)}) nor an "
+            "existing file"
         )
     sd = select_state_dict(read_checkpoint(path), str(path))
+    # Before DINOv2: DINOv3 files carry DINOv2's markers (mask token, LayerScale) too.
+    if convert_dinov3.looks_like_dinov3(sd):
+        return convert_dinov3.convert_state_dict(sd, str(path), num_heads, **overrides)
     if convert_dinov2.looks_like_dinov2(sd):
         return convert_dinov2.convert_state_dict(sd, str(path), num_heads, **overrides)
     return _v1(sd, str(path), num_heads, overrides)
@@ -184,6 +204,50 @@ def _load_registered_dinov2(spec: WeightSpec, sd, where: str, num_heads, overrid
         ) from None
 
 
+def dinov3_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where DINOv3 registry names are looked up: $STEGO_JAX_DINOV3_DIR, else `<cache>/dinov3`
+    (cache: `cache_dir`, $STEGO_JAX_CACHE or ~/.cache/stego_jax/weights)."""
+    env = os.environ.get("STEGO_JAX_DINOV3_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return cache / "dinov3"
+
+
+def _find_dinov3(spec: WeightSpec, cache_dir) -> Path:
+    """The official file of a DINOv3 entry in `dinov3_dir()`: its exact hub name, else the one
+    `dinov3_<arch>_pretrain_*.pth` there (another hash or weights set)."""
+    folder = dinov3_dir(cache_dir)
+    exact = folder / spec.path
+    if exact.is_file():
+        return exact
+    stem = spec.path.split("_pretrain_")[0]
+    found = sorted(folder.glob(f"{stem}_pretrain_*.pth")) if folder.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise FileNotFoundError(
+            f"{spec.name}: several candidate files in {folder}: {[f.name for f in found]}; keep "
+            f"one, or set model.backbone to the path of the file to use"
+        )
+    raise FileNotFoundError(
+        f"{spec.name}: {exact} not found. DINOv3 weights are released under the DINOv3 License "
+        f"after a request at {DINOV3_REQUEST_URL}; download {spec.path} with the link you are "
+        f"sent and put it in {folder} (set $STEGO_JAX_DINOV3_DIR to use another folder), or set "
+        "model.backbone to the file's path."
+    )
+
+
+def _load_registered_dinov3(spec: WeightSpec, sd, where: str, num_heads, overrides):
+    """A registry DINOv3 file against its hub configuration."""
+    try:
+        return convert_dinov3.convert_state_dict(
+            sd, where, num_heads, claimed=dinov3_config(spec.name), **overrides
+        )
+    except ValueError as e:
+        raise ValueError(f"{e}; the file is not the {spec.name} checkpoint") from None
+
+
 def load_dino(
     name_or_path: str | Path,
     *,
@@ -192,7 +256,7 @@ def load_dino(
     base_url: str | None = None,
     num_heads: int | None = None,
     **overrides: Any,
-) -> tuple[ViTConfig | DinoV2Config, dict[str, Any]]:
+) -> tuple[ViTConfig | DinoV2Config | DinoV3Config, dict[str, Any]]:
     """Alias of `load_backbone` (kept for existing callers)."""
     return load_backbone(
         name_or_path,

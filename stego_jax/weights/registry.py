@@ -1,4 +1,5 @@
-"""Named DINO and DINOv2 backbone checkpoints: where each is published and which ViT it holds."""
+"""Named DINO, DINOv2 and DINOv3 backbone checkpoints: where each is published and which ViT it
+holds."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class WeightSpec:
     num_heads: int
     sha256: str | None = None
     sha256_source: str | None = None
-    # "dino" (DINO v1 ViT) or "dinov2"; the host the path is under; DINOv2 register tokens.
+    # "dino" (DINO v1 ViT), "dinov2" or "dinov3"; the host the path is under (none for DINOv3:
+    # its files are never downloaded); DINOv2 register / DINOv3 storage tokens.
     family: str = "dino"
     base_url: str = DEFAULT_BASE_URL
     num_register_tokens: int = 0
@@ -115,14 +117,39 @@ DINOV2_REGISTRY: dict[str, WeightSpec] = {
 }
 
 
+# DINOv3 ViTs (dinov3/hub/backbones.py, LVD-1689M weights). They are released under the DINOv3
+# License after a request (DINOV3_REQUEST_URL, the download page linked from the official
+# README); the download links are sent by e-mail, so nothing is downloaded here: `path` is the
+# official file name (`_make_dinov3_vit_model_url`: dinov3_<arch>_pretrain_lvd1689m-<hash>.pth),
+# looked up in a local folder by `stego_jax.weights.load_backbone`.
+DINOV3_REQUEST_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+DINOV3_REGISTRY: dict[str, WeightSpec] = {
+    s.name: s
+    for s in (
+        WeightSpec(
+            f"dinov3_{arch}", f"dinov3_{arch}_pretrain_lvd1689m-{digest}.pth", 16, dim, depth,
+            heads, family="dinov3", base_url="", num_register_tokens=4,
+        )
+        for arch, dim, depth, heads, digest in (
+            ("vits16", 384, 12, 6, "08c60483"),
+            ("vits16plus", 384, 12, 6, "4057cbaa"),
+            ("vitb16", 768, 12, 12, "73cec8be"),
+            ("vitl16", 1024, 24, 16, "8aa4cbdd"),
+        )
+    )
+}
+
+
 def is_registered(name: object) -> bool:
     """Whether `name` is a registry name of any family."""
-    return isinstance(name, str) and (name in REGISTRY or name in DINOV2_REGISTRY)
+    return isinstance(name, str) and (
+        name in REGISTRY or name in DINOV2_REGISTRY or name in DINOV3_REGISTRY
+    )
 
 
 def get_spec(name: str) -> WeightSpec:
     """Looks up a registry name; ValueError listing the known names otherwise."""
-    known = {**REGISTRY, **DINOV2_REGISTRY}
+    known = {**REGISTRY, **DINOV2_REGISTRY, **DINOV3_REGISTRY}
     try:
         return known[name]
     except KeyError:
