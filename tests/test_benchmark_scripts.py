@@ -35,3 +35,25 @@ def test_train_benchmark_tiny_profile_runs(tmp_path):
     records = json.load(open(out))["records"]
     assert len(records) == 1 and "error" not in records[0], records
     assert records[0]["images_per_s"] > 0
+
+
+def test_backbone_benchmarks_take_dinov2_names(tmp_path):
+    """bench_backbone.py with a DINOv2 name, and bench_official_backbone.py's worker protocol
+    (ours only: no official checkout in the test environment), each one tiny row."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "backbone.json"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_backbone.py"), "--models",
+                        "dinov2_vits14_reg", "--res", "28", "--dtypes", "float32", "--batch", "1",
+                        "--iters", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec,) = json.load(open(out))["records"]
+    assert rec["tokens"] == 1 + 4 + 4 and rec["params"] == 22_057_728 and rec["images_per_s"] > 0
+    out = tmp_path / "official_backbone.json"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_official_backbone.py"),
+                        "--quick", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec,) = json.load(open(out))["records"]
+    assert rec["impl"] == "stego_jax" and rec["tokens"] == 1 + 4 * 4 and rec["images_per_s"] > 0

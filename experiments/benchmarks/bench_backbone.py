@@ -1,9 +1,13 @@
-"""Backbone throughput benchmark: DINO ViT forward images/s on the default JAX device.
+"""Backbone throughput benchmark: DINO / DINOv2 ViT forward images/s on the default JAX device.
 
-Random weights have the same FLOPs as the real ones, so no checkpoint is needed. Example:
+Models are DINO v1 variant names (vits8, vitb8, vits16, vitb16, vitt16) or DINOv2 hub names
+(dinov2_vits14, dinov2_vitb14_reg, ...), built with `stego_jax.models.build_backbone`. Random
+weights have the same FLOPs as the real ones, so no checkpoint is needed. Example:
 
   python experiments/benchmarks/bench_backbone.py --models vits8,vitb8 --res 224,448 \
       --dtypes float32,bfloat16 --batch 16 --iters 20 --out experiments/benchmarks/backbone.json
+  python experiments/benchmarks/bench_backbone.py --models dinov2_vits14,dinov2_vitb14 \
+      --res 224,322 --dtypes float32 --batch 4
 """
 
 from __future__ import annotations
@@ -20,15 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stego_jax.models import vit
+from stego_jax.models import build_backbone, num_prefix_tokens, vit
+from stego_jax.models.dinov2 import DINOV2_VARIANTS, dinov2_config
 
 
-def _random_params(model: vit.VisionTransformer, seed: int) -> Any:
+def model_config(name: str):
+    """The architecture of a DINO v1 variant name or a DINOv2 hub name."""
+    return dinov2_config(name) if name in DINOV2_VARIANTS else vit.vit_config(name)
+
+
+def count_params(params: Any) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+def _random_params(model, seed: int) -> Any:
     """Parameters of the model's shapes without compiling `init` (which costs a full compile)."""
     cfg = model.config
-    shapes = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, cfg.img_size, cfg.img_size, 3))
-    )["params"]
+    p = cfg.patch_size  # one patch: every parameter shape, the least tracing
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, p, p, 3)))["params"]
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(
@@ -46,8 +59,8 @@ def _peak_memory_mb(device: jax.Device) -> tuple[float | None, str]:
 
 def bench_one(name: str, res: int, dtype: str, batch: int, iters: int, warmup: int) -> dict:
     """Time one (model, resolution, dtype) forward pass; returns a JSON-able record."""
-    cfg = vit.vit_config(name)
-    model = vit.VisionTransformer(cfg, dtype=jnp.dtype(dtype))
+    cfg = model_config(name)
+    model = build_backbone(cfg, dtype=jnp.dtype(dtype))
     params = _random_params(model, seed=0)
     x = jax.random.normal(jax.random.key(1), (batch, res, res, 3), jnp.float32)
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
@@ -80,7 +93,8 @@ def bench_one(name: str, res: int, dtype: str, batch: int, iters: int, warmup: i
     return {
         "model": name,
         "res": res,
-        "tokens": 1 + h * w,
+        "tokens": num_prefix_tokens(cfg) + h * w,
+        "params": count_params(params),
         "dtype": dtype,
         "batch": batch,
         "iters": iters,
@@ -129,7 +143,7 @@ def markdown_table(records: list[dict], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="vits8,vitb8", help="comma list of VIT_VARIANTS names")
+    ap.add_argument("--models", default="vits8,vitb8", help="comma list of VIT_VARIANTS or DINOv2 names")
     ap.add_argument("--res", default="224", help="comma list of square input sizes")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument("--batch", type=int, default=4)
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     for name in args.models.split(","):
-        vit.vit_config(name)  # fail before any compile on a typo
+        model_config(name)  # fail before any compile on a typo
     device = jax.devices()[0]
     load_start = os.getloadavg()
     records = []
