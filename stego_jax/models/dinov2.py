@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from stego_jax.models.vit import Attention, Mlp, grid_size, torch_bicubic_matrix
+from stego_jax.models.vit import (
+    Attention,
+    Mlp,
+    check_images,
+    embed_patches,
+    final_norm,
+    torch_bicubic_matrix,
+)
 
 __all__ = [
     "DinoV2Config",
@@ -329,23 +336,9 @@ class DinoV2VisionTransformer(nn.Module):
           `[B, heads, N, N]` float32 with N = 1 + R + h*w.
         """
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected images [B, H, W, 3], got shape {x.shape}")
         p = cfg.patch_size
-        h, w = grid_size((x.shape[1], x.shape[2]), p)
-        if h < 1 or w < 1:
-            raise ValueError(f"image {x.shape[1:3]} is smaller than the patch size {p}")
-        x = x[:, : h * p, : w * p]
-        tokens = nn.Conv(
-            cfg.embed_dim,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="patch_embed",
-        )(x.astype(self.dtype))
-        tokens = rearrange(tokens, "b h w d -> b (h w) d")
+        h, w = check_images(x, p)
+        tokens = embed_patches(x[:, : h * p, : w * p], p, cfg.embed_dim, self.dtype)
         b, d = tokens.shape[0], cfg.embed_dim
 
         init = nn.initializers.truncated_normal(stddev=0.02)
@@ -372,10 +365,4 @@ class DinoV2VisionTransformer(nn.Module):
         for i in range(cfg.depth):
             want = return_attention and i == cfg.depth - 1
             tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens, want)
-        tokens = nn.LayerNorm(
-            epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm"
-        )(tokens)
-        tokens = tokens.astype(jnp.float32)
-        if return_attention:
-            return tokens, attn.astype(jnp.float32)
-        return tokens
+        return final_norm(tokens, cfg.norm_eps, self.dtype, attn, return_attention)

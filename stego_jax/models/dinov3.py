@@ -29,7 +29,14 @@ import numpy as np
 from einops import rearrange
 
 from stego_jax.models.dinov2 import LayerScale
-from stego_jax.models.vit import Mlp, grid_size
+from stego_jax.models.vit import (
+    Mlp,
+    attend,
+    check_images,
+    embed_patches,
+    final_norm,
+    split_heads,
+)
 
 __all__ = [
     "DinoV3Config",
@@ -211,9 +218,7 @@ class Attention(nn.Module):
         cfg = self.config
         _, n, d = x.shape
         qkv = QKV(cfg, self.dtype, name="qkv")(x)
-        qkv = rearrange(qkv, "b n (three heads hd) -> b n three heads hd", three=3,
-                        heads=cfg.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+        q, k, v = split_heads(qkv, cfg.num_heads)  # [B, N, heads, hd]
         sin, cos = rope  # [hw, hd]
         sin, cos = sin[:, None, :], cos[:, None, :]
 
@@ -224,13 +229,7 @@ class Attention(nn.Module):
 
         q, k = rotate(q), rotate(k)
         scale = cfg.head_dim**-0.5
-        attn = None
-        if return_attention:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
+        out, attn = attend(q, k, v, scale, return_attention)
         dense = functools.partial(
             nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_dense_init
         )
@@ -307,23 +306,9 @@ class DinoV3VisionTransformer(nn.Module):
           `[B, heads, N, N]` float32 with N = 1 + R + h*w (after RoPE).
         """
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected images [B, H, W, 3], got shape {x.shape}")
         p = cfg.patch_size
-        h, w = grid_size((x.shape[1], x.shape[2]), p)
-        if h < 1 or w < 1:
-            raise ValueError(f"image {x.shape[1:3]} is smaller than the patch size {p}")
-        x = x[:, : h * p, : w * p]
-        tokens = nn.Conv(
-            cfg.embed_dim,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="patch_embed",
-        )(x.astype(self.dtype))
-        tokens = rearrange(tokens, "b h w d -> b (h w) d")
+        h, w = check_images(x, p)
+        tokens = embed_patches(x[:, : h * p, : w * p], p, cfg.embed_dim, self.dtype)
         b, d = tokens.shape[0], cfg.embed_dim
 
         init = nn.initializers.normal(stddev=0.02)
@@ -346,10 +331,4 @@ class DinoV3VisionTransformer(nn.Module):
             tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(
                 tokens, rope, cfg.num_prefix_tokens, want
             )
-        tokens = nn.LayerNorm(
-            epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm"
-        )(tokens)
-        tokens = tokens.astype(jnp.float32)
-        if return_attention:
-            return tokens, attn.astype(jnp.float32)
-        return tokens
+        return final_norm(tokens, cfg.norm_eps, self.dtype, attn, return_attention)

@@ -184,6 +184,64 @@ _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _CPU_EXPLICIT_MIN_TOKENS = 1024
 
 
+def check_images(x: jax.Array, patch_size: int) -> tuple[int, int]:
+    """The `(h, w)` patch grid of images `x` `[B, H, W, 3]`; raises on another shape or an image
+    smaller than one patch."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected images [B, H, W, 3], got shape {x.shape}")
+    image_hw = (x.shape[1], x.shape[2])
+    h, w = grid_size(image_hw, patch_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image {image_hw} is smaller than the patch size {patch_size}")
+    return h, w
+
+
+def embed_patches(x: jax.Array, patch_size: int, embed_dim: int, dtype: Any) -> jax.Array:
+    """Patch embedding (a stride-p convolution named `patch_embed`, inside the calling compact
+    module) of images `[B, H, W, 3]` -> tokens `[B, h*w, D]` in row-major order."""
+    p = patch_size
+    tokens = nn.Conv(
+        embed_dim,
+        kernel_size=(p, p),
+        strides=(p, p),
+        padding="VALID",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name="patch_embed",
+    )(x.astype(dtype))
+    return rearrange(tokens, "b h w d -> b (h w) d")
+
+
+def split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fused qkv `[B, N, 3D]` in torch's layout (q|k|v, head, head_dim) -> q, k, v, each
+    `[B, N, heads, head_dim]`."""
+    qkv = rearrange(qkv, "b n (three heads hd) -> b n three heads hd", three=3, heads=num_heads)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, explicit: bool):
+    """Softmax(q·kᵀ·scale)·v over `[B, N, heads, hd]` inputs -> (`[B, N, heads, hd]`, weights).
+
+    `explicit` computes it step by step and also returns the float32 weights
+    `[B, heads, N, N]`; else `dot_product_attention` does, and the weights are None.
+    """
+    if explicit:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v), attn
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None), None
+
+
+def final_norm(tokens: jax.Array, eps: float, dtype: Any, attn, return_attention: bool):
+    """The final LayerNorm (named `norm`, inside the calling compact module), as float32; with
+    `return_attention`, `(tokens, attn)` with attn as float32."""
+    tokens = nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name="norm")(tokens)
+    tokens = tokens.astype(jnp.float32)
+    if return_attention:
+        return tokens, attn.astype(jnp.float32)
+    return tokens
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (torch layout: (3, heads, hd))."""
 
@@ -198,23 +256,17 @@ class Attention(nn.Module):
             nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_dense_init
         )
         qkv = dense(3 * d, use_bias=cfg.qkv_bias, name="qkv")(x)
-        # torch's fused layout: the 3d outputs are (q|k|v, head, head_dim).
-        qkv = rearrange(qkv, "b n (three heads hd) -> b n three heads hd", three=3,
-                        heads=cfg.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, N, heads, hd]
+        q, k, v = split_heads(qkv, cfg.num_heads)  # each [B, N, heads, hd]
         scale = cfg.head_dim**-0.5
-        attn = None
         # Explicit softmax(q·kᵀ·scale)·v where the weights are wanted, and on CPU for long
         # sequences: the same result bit for bit, but at 1601 tokens (ViT-S/8, 320 px, batch 4,
         # 2-core CPU) a whole forward ran in 0.85x the time of `dot_product_attention`'s, while
         # at 785 tokens (224 px) it took 1.11x (farm-bench, paired runs).
-        if return_attention or (jax.default_backend() == "cpu" and n >= _CPU_EXPLICIT_MIN_TOKENS):
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
-            attn = attn if return_attention else None
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
+        explicit = return_attention or (
+            jax.default_backend() == "cpu" and n >= _CPU_EXPLICIT_MIN_TOKENS
+        )
+        out, attn = attend(q, k, v, scale, explicit)
+        attn = attn if return_attention else None
         out = dense(d, name="proj")(rearrange(out, "b n heads hd -> b n (heads hd)"))
         return out, attn
 
@@ -279,24 +331,9 @@ class VisionTransformer(nn.Module):
           `[B, heads, 1 + h*w, 1 + h*w]` float32.
         """
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected images [B, H, W, 3], got shape {x.shape}")
+        h, w = check_images(x, cfg.patch_size)
         image_hw = (x.shape[1], x.shape[2])
-        h, w = grid_size(image_hw, cfg.patch_size)
-        if h < 1 or w < 1:
-            raise ValueError(f"image {image_hw} is smaller than the patch size {cfg.patch_size}")
-
-        p = cfg.patch_size
-        tokens = nn.Conv(
-            cfg.embed_dim,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="patch_embed",
-        )(x.astype(self.dtype))
-        tokens = rearrange(tokens, "b h w d -> b (h w) d")
+        tokens = embed_patches(x, cfg.patch_size, cfg.embed_dim, self.dtype)
         b = tokens.shape[0]
 
         init = nn.initializers.truncated_normal(stddev=0.02)
@@ -313,10 +350,4 @@ class VisionTransformer(nn.Module):
         for i in range(cfg.depth):
             want = return_attention and i == cfg.depth - 1
             tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens, want)
-        tokens = nn.LayerNorm(
-            epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm"
-        )(tokens)
-        tokens = tokens.astype(jnp.float32)
-        if return_attention:
-            return tokens, attn.astype(jnp.float32)
-        return tokens
+        return final_norm(tokens, cfg.norm_eps, self.dtype, attn, return_attention)

@@ -13,6 +13,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from stego_jax.models.vit import ViTConfig
+from stego_jax.weights._layout import (
+    TorchToFlax,
+    attention_shapes,
+    flax_to_torch,
+    fuse_hf_qkv,
+    is_floating,
+    mlp_shapes,
+    stem_shapes,
+    strip_prefixes,
+)
 
 # Wrappers around the backbone in DINO training: DDP ('module.'), MultiCropWrapper ('backbone.').
 _STRIP_PREFIXES = ("module.", "backbone.")
@@ -27,7 +37,6 @@ _HF_BLOCK = {
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
-_HF_QKV = ("query", "key", "value")
 
 
 def select_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
@@ -50,13 +59,7 @@ def select_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
 
 
 def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+    return strip_prefixes(key, _STRIP_PREFIXES)
 
 
 def _hf_to_dino(sd: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -93,45 +96,13 @@ def _hf_to_dino(sd: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
             out[f"blocks.{i}.{_HF_BLOCK[name]}.{kind}"] = value
         else:
             out[key] = value
-    for (i, kind), parts in sorted(qkv.items()):
-        missing = [p for p in _HF_QKV if p not in parts]
-        if missing:
-            raise ValueError(
-                f"{where}: encoder.layer.{i}.attention.attention.{missing[0]}.{kind} is missing "
-                f"(needed with the {sorted(parts)} entries to build the qkv projection)"
-            )
-        shapes = {p: parts[p].shape for p in _HF_QKV}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(f"{where}: layer {i} query/key/value {kind} shapes differ: {shapes}")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts[p] for p in _HF_QKV], axis=0)
+    out.update(fuse_hf_qkv(qkv, where))
     return out
 
 
 def _flax_to_dino(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Flat 'a/b/c' Flax paths (our own param tree) -> DINO keys, inverting `dino_to_flax`."""
-    out: dict[str, np.ndarray] = {}
-    for key, v in sd.items():
-        parts = key.split("/")
-        m = re.fullmatch(r"blocks_(\d+)", parts[0])
-        if m:
-            parts[0] = f"blocks.{m.group(1)}"
-        leaf = parts[-1]
-        name = ".".join(parts[:-1])
-        if key in ("cls_token", "pos_embed"):
-            out[key] = v
-        elif key == "patch_embed/kernel" and v.ndim == 4:
-            out["patch_embed.proj.weight"] = v.transpose(3, 2, 0, 1)
-        elif key == "patch_embed/bias":
-            out["patch_embed.proj.bias"] = v
-        elif leaf == "kernel" and v.ndim == 2:
-            out[name + ".weight"] = v.T
-        elif leaf == "scale":
-            out[name + ".weight"] = v
-        elif leaf == "bias":
-            out[name + ".bias"] = v
-        else:
-            out[key] = v  # reported as unexpected
-    return out
+    return flax_to_torch(sd, ("cls_token", "pos_embed"))
 
 
 def to_dino_layout(sd: dict[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], str]:
@@ -159,30 +130,14 @@ def expected_dino_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Every key of an official DINO ViT state dict for `cfg`, with its torch shape."""
     d, p, g, h = cfg.embed_dim, cfg.patch_size, cfg.img_size // cfg.patch_size, cfg.mlp_dim
     shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, 1 + g * g, d),
-        "patch_embed.proj.weight": (d, 3, p, p),
-        "patch_embed.proj.bias": (d,),
+        **stem_shapes(d, p, pos_rows=1 + g * g),
         "norm.weight": (d,),
         "norm.bias": (d,),
     }
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        shapes.update(
-            {
-                b + "norm1.weight": (d,),
-                b + "norm1.bias": (d,),
-                b + "attn.qkv.weight": (3 * d, d),
-                b + "attn.proj.weight": (d, d),
-                b + "attn.proj.bias": (d,),
-                b + "norm2.weight": (d,),
-                b + "norm2.bias": (d,),
-                b + "mlp.fc1.weight": (h, d),
-                b + "mlp.fc1.bias": (h,),
-                b + "mlp.fc2.weight": (d, h),
-                b + "mlp.fc2.bias": (d,),
-            }
-        )
+        shapes.update(attention_shapes(b, d))
+        shapes.update(mlp_shapes(b, d, h))
         if cfg.qkv_bias:
             shapes[b + "attn.qkv.bias"] = (3 * d,)
     return shapes
@@ -278,7 +233,7 @@ def check_shapes(
                 "for a ViT "
                 f"with patch {cfg.patch_size}, embed_dim {cfg.embed_dim}, depth {cfg.depth}"
             )
-        if not np.issubdtype(sd[k].dtype, np.floating) and sd[k].dtype.name != "bfloat16":
+        if not is_floating(sd[k]):
             raise ValueError(
                 f"{where}: {k!r}{note} has dtype {sd[k].dtype}, expected a floating-point tensor"
             )
@@ -291,36 +246,16 @@ def dino_to_flax(sd: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, Any]
     an HWIO kernel [p, p, 3, D]; LayerNorm weight becomes scale.
     """
 
-    def f32(key: str, transpose: tuple[int, ...] | None = None) -> np.ndarray:
-        a = np.asarray(sd[key]).astype(np.float32)
-        return np.ascontiguousarray(a.transpose(transpose) if transpose else a)
-
-    def dense(prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": f32(prefix + ".weight", (1, 0))}
-        if bias:
-            out["bias"] = f32(prefix + ".bias")
-        return out
-
-    def norm(prefix: str) -> dict[str, np.ndarray]:
-        return {"scale": f32(prefix + ".weight"), "bias": f32(prefix + ".bias")}
-
+    t = TorchToFlax(sd)
     params: dict[str, Any] = {
-        "patch_embed": {
-            "kernel": f32("patch_embed.proj.weight", (2, 3, 1, 0)),
-            "bias": f32("patch_embed.proj.bias"),
-        },
-        "cls_token": f32("cls_token"),
-        "pos_embed": f32("pos_embed"),
-        "norm": norm("norm"),
+        "patch_embed": t.patch_embed(),
+        "cls_token": t.f32("cls_token"),
+        "pos_embed": t.f32("pos_embed"),
+        "norm": t.norm("norm"),
     }
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        params[f"blocks_{i}"] = {
-            "norm1": norm(b + "norm1"),
-            "attn": {"qkv": dense(b + "attn.qkv", cfg.qkv_bias), "proj": dense(b + "attn.proj")},
-            "norm2": norm(b + "norm2"),
-            "mlp": {"fc1": dense(b + "mlp.fc1"), "fc2": dense(b + "mlp.fc2")},
-        }
+        params[f"blocks_{i}"] = t.block(b, cfg.qkv_bias, t.mlp(b))
     return params
 
 

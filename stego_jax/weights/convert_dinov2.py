@@ -11,7 +11,6 @@ architecture needs, and the tensors are transposed into Flax's layout.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any, Mapping
@@ -19,6 +18,18 @@ from typing import Any, Mapping
 import numpy as np
 
 from stego_jax.models.dinov2 import DinoV2Config, swiglu_hidden
+from stego_jax.weights._layout import (
+    TorchToFlax,
+    apply_overrides,
+    attention_shapes,
+    check_tensors,
+    flax_to_torch,
+    fuse_hf_qkv,
+    mlp_shapes,
+    resolve_config,
+    stem_shapes,
+    strip_prefixes,
+)
 
 # DDP, DINOv2's meta-arch ("teacher.backbone." once the 'teacher' entry is selected) and HF
 # task-model wrappers.
@@ -41,17 +52,10 @@ _HF_BLOCK = {
     "mlp.weights_in": "mlp.w12",
     "mlp.weights_out": "mlp.w3",
 }
-_HF_QKV = ("query", "key", "value")
 
 
 def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+    return strip_prefixes(key, _STRIP_PREFIXES)
 
 
 def looks_like_dinov2(sd: Mapping[str, Any]) -> bool:
@@ -93,17 +97,7 @@ def _hf_to_official(sd: dict[str, np.ndarray], where: str) -> dict[str, np.ndarr
             out[f"blocks.{i}.{_HF_BLOCK[name]}.{kind}"] = value
         else:
             out[key] = value
-    for (i, kind), parts in sorted(qkv.items()):
-        missing = [p for p in _HF_QKV if p not in parts]
-        if missing:
-            raise ValueError(
-                f"{where}: encoder.layer.{i}.attention.attention.{missing[0]}.{kind} is missing "
-                f"(needed with the {sorted(parts)} entries to build the qkv projection)"
-            )
-        shapes = {p: parts[p].shape for p in _HF_QKV}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(f"{where}: layer {i} query/key/value {kind} shapes differ: {shapes}")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts[p] for p in _HF_QKV], axis=0)
+    out.update(fuse_hf_qkv(qkv, where))
     return out
 
 
@@ -139,27 +133,9 @@ def _timm_to_official(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _flax_to_official(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Flat 'a/b/c' paths of our param tree -> official keys (inverse of `dinov2_to_flax`)."""
-    out: dict[str, np.ndarray] = {}
-    for key, v in sd.items():
-        parts = key.split("/")
-        if (m := re.fullmatch(r"blocks_(\d+)", parts[0])) is not None:
-            parts[0] = f"blocks.{m.group(1)}"
-        name, leaf = ".".join(parts[:-1]), parts[-1]
-        if key in ("cls_token", "pos_embed", "register_tokens", "mask_token"):
-            out[key] = v
-        elif key == "patch_embed/kernel" and v.ndim == 4:
-            out["patch_embed.proj.weight"] = v.transpose(3, 2, 0, 1)
-        elif key == "patch_embed/bias":
-            out["patch_embed.proj.bias"] = v
-        elif leaf == "kernel" and v.ndim == 2:
-            out[name + ".weight"] = v.T
-        elif leaf == "scale":
-            out[name + ".weight"] = v
-        elif leaf in ("bias", "gamma"):
-            out[f"{name}.{leaf}"] = v
-        else:
-            out[key] = v  # reported as unexpected
-    return out
+    return flax_to_torch(
+        sd, ("cls_token", "pos_embed", "register_tokens", "mask_token"), ("bias", "gamma")
+    )
 
 
 def to_official_layout(
@@ -272,27 +248,12 @@ def infer_config(
     return apply_overrides(cfg, overrides)
 
 
-def apply_overrides(cfg, overrides: Mapping[str, Any]):
-    """`dataclasses.replace` that names the allowed fields on a wrong one."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(
-            f"unknown backbone override(s) {unknown} for {type(cfg).__name__}; allowed: "
-            f"{sorted(fields)}"
-        )
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-
 def expected_shapes(cfg: DinoV2Config) -> dict[str, tuple[int, ...]]:
     """Every key of an official DINOv2 state dict for `cfg` with its torch shape (mask_token
     included: the hub files carry it, though inference never uses it)."""
     d, p, g, h = cfg.embed_dim, cfg.patch_size, cfg.pos_grid, cfg.mlp_dim
     shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, 1 + g * g, d),
-        "patch_embed.proj.weight": (d, 3, p, p),
-        "patch_embed.proj.bias": (d,),
+        **stem_shapes(d, p, pos_rows=1 + g * g),
         "norm.weight": (d,),
         "norm.bias": (d,),
     }
@@ -300,17 +261,7 @@ def expected_shapes(cfg: DinoV2Config) -> dict[str, tuple[int, ...]]:
         shapes["register_tokens"] = (1, cfg.num_register_tokens, d)
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        shapes.update(
-            {
-                b + "norm1.weight": (d,),
-                b + "norm1.bias": (d,),
-                b + "attn.qkv.weight": (3 * d, d),
-                b + "attn.proj.weight": (d, d),
-                b + "attn.proj.bias": (d,),
-                b + "norm2.weight": (d,),
-                b + "norm2.bias": (d,),
-            }
-        )
+        shapes.update(attention_shapes(b, d))
         if cfg.qkv_bias:
             shapes[b + "attn.qkv.bias"] = (3 * d,)
         if cfg.ffn == "swiglu":
@@ -323,14 +274,7 @@ def expected_shapes(cfg: DinoV2Config) -> dict[str, tuple[int, ...]]:
                 }
             )
         else:
-            shapes.update(
-                {
-                    b + "mlp.fc1.weight": (h, d),
-                    b + "mlp.fc1.bias": (h,),
-                    b + "mlp.fc2.weight": (d, h),
-                    b + "mlp.fc2.bias": (d,),
-                }
-            )
+            shapes.update(mlp_shapes(b, d, h))
         if cfg.layer_scale:
             shapes[b + "ls1.gamma"] = (d,)
             shapes[b + "ls2.gamma"] = (d,)
@@ -348,75 +292,26 @@ def check_shapes(
         f"a DINOv2 ViT with patch {cfg.patch_size}, embed_dim {cfg.embed_dim}, depth {cfg.depth}, "
         f"{cfg.ffn} FFN, {cfg.num_register_tokens} registers"
     )
-    # Shapes of the tensors present first: a file of another model says so at its first tensor.
-    for k, shape in {**expected, **optional}.items():
-        if k not in sd:
-            continue
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(
-                f"{where}: tensor {k!r}{note} has shape {list(sd[k].shape)}, expected "
-                f"{list(shape)} for {arch}"
-            )
-        if not np.issubdtype(sd[k].dtype, np.floating) and sd[k].dtype.name != "bfloat16":
-            raise ValueError(f"{where}: tensor {k!r}{note} has dtype {sd[k].dtype}, not floating")
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise ValueError(
-            f"{where}: tensor {missing[0]!r}{note} is missing (expected shape "
-            f"{list(expected[missing[0]])}) for {arch}; {len(missing)} missing in all"
-        )
-    extra = sorted(k for k in sd if k not in expected and k not in optional)
-    if extra:
-        raise ValueError(
-            f"{where}: unexpected tensor {extra[0]!r}{note} with shape {list(sd[extra[0]].shape)} "
-            f"({len(extra)} unexpected in all); it is not part of {arch}"
-        )
+    check_tensors(sd, expected, optional, where, arch, note)
 
 
 def dinov2_to_flax(sd: Mapping[str, np.ndarray], cfg: DinoV2Config) -> dict[str, Any]:
     """Official-layout state dict -> nested Flax params of float32 numpy arrays (mask_token,
     unused at inference, is dropped)."""
 
-    def f32(key: str, transpose: tuple[int, ...] | None = None) -> np.ndarray:
-        a = np.asarray(sd[key]).astype(np.float32)
-        return np.ascontiguousarray(a.transpose(transpose) if transpose else a)
-
-    def dense(prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": f32(prefix + ".weight", (1, 0))}
-        if bias:
-            out["bias"] = f32(prefix + ".bias")
-        return out
-
-    def norm(prefix: str) -> dict[str, np.ndarray]:
-        return {"scale": f32(prefix + ".weight"), "bias": f32(prefix + ".bias")}
-
+    t = TorchToFlax(sd)
     params: dict[str, Any] = {
-        "patch_embed": {
-            "kernel": f32("patch_embed.proj.weight", (2, 3, 1, 0)),
-            "bias": f32("patch_embed.proj.bias"),
-        },
-        "cls_token": f32("cls_token"),
-        "pos_embed": f32("pos_embed"),
-        "norm": norm("norm"),
+        "patch_embed": t.patch_embed(),
+        "cls_token": t.f32("cls_token"),
+        "pos_embed": t.f32("pos_embed"),
+        "norm": t.norm("norm"),
     }
     if cfg.num_register_tokens:
-        params["register_tokens"] = f32("register_tokens")
+        params["register_tokens"] = t.f32("register_tokens")
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        if cfg.ffn == "swiglu":
-            mlp = {"w12": dense(b + "mlp.w12"), "w3": dense(b + "mlp.w3")}
-        else:
-            mlp = {"fc1": dense(b + "mlp.fc1"), "fc2": dense(b + "mlp.fc2")}
-        blk: dict[str, Any] = {
-            "norm1": norm(b + "norm1"),
-            "attn": {"qkv": dense(b + "attn.qkv", cfg.qkv_bias), "proj": dense(b + "attn.proj")},
-            "norm2": norm(b + "norm2"),
-            "mlp": mlp,
-        }
-        if cfg.layer_scale:
-            blk["ls1"] = {"gamma": f32(b + "ls1.gamma")}
-            blk["ls2"] = {"gamma": f32(b + "ls2.gamma")}
-        params[f"blocks_{i}"] = blk
+        mlp = t.mlp(b, ("w12", "w3") if cfg.ffn == "swiglu" else ("fc1", "fc2"))
+        params[f"blocks_{i}"] = t.block(b, cfg.qkv_bias, mlp, cfg.layer_scale)
     return params
 
 
@@ -433,11 +328,8 @@ def convert_state_dict(
     architecture instead of the one they imply, so a wrong file fails naming the tensor.
     """
     sd, layout = to_official_layout(sd, where)
-    if claimed is not None:
-        if num_heads:
-            overrides = {"num_heads": num_heads, **overrides}
-        cfg = apply_overrides(claimed, overrides)
-    else:
-        cfg = infer_config(sd, where, num_heads, **overrides)
+    cfg = resolve_config(
+        claimed, num_heads, overrides, lambda: infer_config(sd, where, num_heads, **overrides)
+    )
     check_shapes(sd, cfg, where, layout)
     return cfg, dinov2_to_flax(sd, cfg)

@@ -15,13 +15,20 @@ the key third, ones), which the model applies.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from stego_jax.models.dinov3 import DinoV3Config, swiglu_hidden
+from stego_jax.weights._layout import (
+    TorchToFlax,
+    apply_overrides,
+    check_tensors,
+    resolve_config,
+    stem_shapes,
+    strip_prefixes,
+)
 
 _STRIP_PREFIXES = ("module.", "backbone.")
 _DROP_PREFIXES = ("head.", "dino_head.", "ibot_head.", "local_cls_norm.")
@@ -30,13 +37,7 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+    return strip_prefixes(key, _STRIP_PREFIXES)
 
 
 def looks_like_dinov3(sd: Mapping[str, Any]) -> bool:
@@ -118,24 +119,11 @@ def infer_config(
     return apply_overrides(cfg, overrides)
 
 
-def apply_overrides(cfg: DinoV3Config, overrides: Mapping[str, Any]) -> DinoV3Config:
-    """`dataclasses.replace` that names the allowed fields on a wrong one."""
-    if not overrides:
-        return cfg
-    allowed = {f.name for f in dataclasses.fields(cfg)}
-    wrong = sorted(set(overrides) - allowed)
-    if wrong:
-        raise ValueError(f"unknown DinoV3Config field(s) {wrong}; allowed: {sorted(allowed)}")
-    return dataclasses.replace(cfg, **overrides)
-
-
 def expected_shapes(cfg: DinoV3Config) -> dict[str, tuple[int, ...]]:
     """Every key of an official DINOv3 state dict for `cfg` with its torch shape."""
     d, p, h = cfg.embed_dim, cfg.patch_size, cfg.mlp_dim
     shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, d),
-        "patch_embed.proj.weight": (d, 3, p, p),
-        "patch_embed.proj.bias": (d,),
+        **stem_shapes(d, p),
         "rope_embed.periods": (cfg.head_dim // 4,),
         "norm.weight": (d,),
         "norm.bias": (d,),
@@ -178,28 +166,7 @@ def check_shapes(sd: Mapping[str, np.ndarray], cfg: DinoV3Config, where: str) ->
         f"a DINOv3 ViT with patch {cfg.patch_size}, embed_dim {cfg.embed_dim}, depth {cfg.depth}, "
         f"{cfg.ffn} FFN (hidden {cfg.mlp_dim}), {cfg.num_storage_tokens} storage tokens"
     )
-    for k, shape in {**expected, **optional}.items():
-        if k not in sd:
-            continue
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(
-                f"{where}: tensor {k!r} has shape {list(sd[k].shape)}, expected {list(shape)} "
-                f"for {arch}"
-            )
-        if not np.issubdtype(sd[k].dtype, np.floating) and sd[k].dtype.name != "bfloat16":
-            raise ValueError(f"{where}: tensor {k!r} has dtype {sd[k].dtype}, not floating")
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise ValueError(
-            f"{where}: tensor {missing[0]!r} is missing (expected shape "
-            f"{list(expected[missing[0]])}) for {arch}; {len(missing)} missing in all"
-        )
-    extra = sorted(k for k in sd if k not in expected and k not in optional)
-    if extra:
-        raise ValueError(
-            f"{where}: unexpected tensor {extra[0]!r} with shape {list(sd[extra[0]].shape)} "
-            f"({len(extra)} unexpected in all); it is not part of {arch}"
-        )
+    check_tensors(sd, expected, optional, where, arch)
     d = cfg.embed_dim
     official = np.repeat(np.asarray([1.0, 0.0, 1.0], np.float32), d)
     for k in expected:
@@ -215,46 +182,19 @@ def check_shapes(sd: Mapping[str, np.ndarray], cfg: DinoV3Config, where: str) ->
 def dinov3_to_flax(sd: Mapping[str, np.ndarray], cfg: DinoV3Config) -> dict[str, Any]:
     """Official-layout state dict -> nested Flax params of float32 numpy arrays."""
 
-    def f32(key: str, transpose: tuple[int, ...] | None = None) -> np.ndarray:
-        a = np.asarray(sd[key]).astype(np.float32)
-        return np.ascontiguousarray(a.transpose(transpose) if transpose else a)
-
-    def dense(prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": f32(prefix + ".weight", (1, 0))}
-        if bias:
-            out["bias"] = f32(prefix + ".bias")
-        return out
-
-    def norm(prefix: str) -> dict[str, np.ndarray]:
-        return {"scale": f32(prefix + ".weight"), "bias": f32(prefix + ".bias")}
-
+    t = TorchToFlax(sd)
     params: dict[str, Any] = {
-        "patch_embed": {
-            "kernel": f32("patch_embed.proj.weight", (2, 3, 1, 0)),
-            "bias": f32("patch_embed.proj.bias"),
-        },
-        "cls_token": f32("cls_token"),
-        "rope_embed": {"periods": f32("rope_embed.periods")},
-        "norm": norm("norm"),
+        "patch_embed": t.patch_embed(),
+        "cls_token": t.f32("cls_token"),
+        "rope_embed": {"periods": t.f32("rope_embed.periods")},
+        "norm": t.norm("norm"),
     }
     if cfg.num_storage_tokens:
-        params["storage_tokens"] = f32("storage_tokens")
+        params["storage_tokens"] = t.f32("storage_tokens")
     for i in range(cfg.depth):
         b = f"blocks.{i}."
-        if cfg.ffn == "swiglu":
-            mlp = {n: dense(b + f"mlp.{n}") for n in ("w1", "w2", "w3")}
-        else:
-            mlp = {"fc1": dense(b + "mlp.fc1"), "fc2": dense(b + "mlp.fc2")}
-        blk: dict[str, Any] = {
-            "norm1": norm(b + "norm1"),
-            "attn": {"qkv": dense(b + "attn.qkv", cfg.qkv_bias), "proj": dense(b + "attn.proj")},
-            "norm2": norm(b + "norm2"),
-            "mlp": mlp,
-        }
-        if cfg.layer_scale:
-            blk["ls1"] = {"gamma": f32(b + "ls1.gamma")}
-            blk["ls2"] = {"gamma": f32(b + "ls2.gamma")}
-        params[f"blocks_{i}"] = blk
+        mlp = t.mlp(b, ("w1", "w2", "w3") if cfg.ffn == "swiglu" else ("fc1", "fc2"))
+        params[f"blocks_{i}"] = t.block(b, cfg.qkv_bias, mlp, cfg.layer_scale)
     return params
 
 
@@ -271,11 +211,8 @@ def convert_state_dict(
     architecture instead of the one they imply, so a wrong file fails naming the tensor.
     """
     sd = to_official_layout(sd)
-    if claimed is not None:
-        if num_heads:
-            overrides = {"num_heads": num_heads, **overrides}
-        cfg = apply_overrides(claimed, overrides)
-    else:
-        cfg = infer_config(sd, where, num_heads, **overrides)
+    cfg = resolve_config(
+        claimed, num_heads, overrides, lambda: infer_config(sd, where, num_heads, **overrides)
+    )
     check_shapes(sd, cfg, where)
     return cfg, dinov3_to_flax(sd, cfg)
