@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stego_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 # Official STEGO constants (mhamilton723/STEGO:src/crf.py).
 MAX_ITER = 10
 POS_W, POS_XY_STD = 3.0, 1.0
@@ -343,6 +345,17 @@ def unary_from_logits(logits: jax.Array) -> jax.Array:
     """U = -log(clip(softmax(logits), 1e-5, 1)), [..., K] → [..., K] (pydensecrf.utils). Compiled
     once per shape."""
     return _unary(logits)
+
+
+def official_rgb(images: np.ndarray) -> np.ndarray:
+    """The uint8 RGB image the official dense CRF sees (official `src/crf.py` `dense_crf`): it gets
+    the ImageNet-normalised float32 image, un-normalises it and turns it back into uint8 with
+    torchvision's `to_pil_image` (`mul(255).byte()`, a truncation), which leaves some pixels one
+    level darker than the original (about 7%). Evaluation and prediction give the CRF this image, as
+    the official evaluation does."""
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = (np.asarray(images, np.float32) / np.float32(255) - mean) / std
+    return ((x * std + mean) * np.float32(255)).astype(np.uint8)
 
 
 def dense_crf(

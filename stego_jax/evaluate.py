@@ -130,7 +130,9 @@ def evaluate(config, workdir: str, *, params=None, featurizer=None, out_dir: str
         }
         if use_crf:
             # Both probes' logits refined together: one lattice per image for the two CRFs.
-            cl_crf, li_crf = crf_lib.crf_labels(images, [np.asarray(cl_logits), np.asarray(li_logits)],
+            # The image as the official CRF sees it (un-normalised and truncated back to uint8).
+            rgb = crf_lib.official_rgb(images)
+            cl_crf, li_crf = crf_lib.crf_labels(rgb, [np.asarray(cl_logits), np.asarray(li_logits)],
                                                 backend=config.eval.crf_backend,
                                                 processes=config.eval.get("crf_processes", 0))
             preds["cluster+crf"], preds["linear+crf"] = jnp.asarray(cl_crf), jnp.asarray(li_crf)

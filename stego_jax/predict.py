@@ -173,14 +173,13 @@ class Segmenter:
         return np.asarray(cl), np.asarray(li)
 
     def labels(self, images: np.ndarray, *, crf: bool = False,
-               which: tuple[str, ...] = ("cluster", "linear"),
-               official_image: bool = False) -> dict[str, np.ndarray]:
+               which: tuple[str, ...] = ("cluster", "linear")) -> dict[str, np.ndarray]:
         """{probe: int32 [B,H,W]} for the probes in `which`, after the dense CRF when `crf` (on
-        `official_crf_image(images)` when `official_image`, else on the images themselves)."""
+        the image as the official CRF sees it, `crf.official_rgb`)."""
         cl, li = self.logits(images)
         logits = [{"cluster": cl, "linear": li}[k] for k in which]
         if crf:
-            rgb = official_crf_image(images) if official_image else images
+            rgb = crf_lib.official_rgb(images)
             labels = crf_lib.crf_labels(rgb, logits, backend=self.config.eval.crf_backend,
                                         processes=self.config.eval.get("crf_processes", 0))
         else:
@@ -189,18 +188,6 @@ class Segmenter:
 
 
 _SEGMENTERS: dict[tuple, Segmenter] = {}
-_IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
-
-
-def official_crf_image(images: np.ndarray) -> np.ndarray:
-    """The RGB image the official dense CRF sees (src/crf.py): the ImageNet-normalised float32 image
-    un-normalised and turned back into uint8 by torchvision's `to_pil_image` (`mul(255).byte()`, a
-    truncation), which leaves some pixels one level darker than the input (about 7% of them)."""
-    x = (np.asarray(images, np.float32) / np.float32(255) - _IMAGENET_MEAN) / _IMAGENET_STD
-    return ((x * _IMAGENET_STD + _IMAGENET_MEAN) * np.float32(255)).astype(np.uint8)
-
-
 def segment(workdir: str, images: np.ndarray, *, crf: bool = False) -> dict[str, np.ndarray]:
     """Segments uint8 RGB images [B,H,W,3] (sides multiples of the patch size) with the run in `workdir`.
 
@@ -208,7 +195,7 @@ def segment(workdir: str, images: np.ndarray, *, crf: bool = False) -> dict[str,
     image's (the run's `eval.flip`, on by default), bilinear upsampling to the image size
     (align_corners=False), the linear probe and the cluster probe (softmax of 2*cosine to the cluster
     centres), the dense CRF on both when `crf` (given the image exactly as the official CRF sees it,
-    see `official_crf_image`), argmax. Returns {"cluster": int32 [B,H,W] raw cluster
+    see `crf.official_rgb`), argmax. Returns {"cluster": int32 [B,H,W] raw cluster
     indices, "linear": int32 [B,H,W] class indices}. The run is loaded once per process (again when its
     config.json changes) and each input shape compiled once.
     """
@@ -217,7 +204,7 @@ def segment(workdir: str, images: np.ndarray, *, crf: bool = False) -> dict[str,
     if key not in _SEGMENTERS:
         _SEGMENTERS.clear()
         _SEGMENTERS[key] = Segmenter(workdir)
-    return _SEGMENTERS[key].labels(images, crf=crf, official_image=True)
+    return _SEGMENTERS[key].labels(images, crf=crf)
 
 
 def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | None = None,
@@ -249,7 +236,8 @@ def predict_folder(workdir: str, images_dir: str, out_dir: str, *, crf: bool | N
                 small = pad_rows(small, batch_size)
             lg = seg.logits(small)[1 if use_linear else 0][:len(chunk)]
             if crf:
-                pred = np.asarray(crf_lib.crf_labels(small[:len(chunk)], lg, backend=config.eval.crf_backend,
+                rgb = crf_lib.official_rgb(small[:len(chunk)])
+                pred = np.asarray(crf_lib.crf_labels(rgb, lg, backend=config.eval.crf_backend,
                                                      processes=config.eval.get("crf_processes", 0)))
             else:
                 pred = lg.argmax(-1)
