@@ -47,7 +47,7 @@ from stego_jax.feature_sources import DiskFeatures, build_training_data
 from stego_jax.featurize import FEATURIZER_STATS
 from stego_jax.model import build_modules, create_state, make_optimizer
 from stego_jax.run_config import save_config
-from stego_jax.writers import MetricWriter
+from stego_jax.writers import MetricWriter, keep_steps_up_to
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -409,7 +409,7 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     writers = [MetricWriter(os.path.join(workdir, "settings", str(i)), config.num_steps, True, start_step=start)
                for i in range(k)]
     curves_path = os.path.join(workdir, "loss_curves.jsonl")
-    _truncate_jsonl(curves_path, start)
+    keep_steps_up_to(curves_path, start)
     if not quiet:
         print(f"sweep of {k} setting(s) x {config.num_steps} steps in one compiled step "
               f"({n_dev} device(s), split by {shard}); {len(distinct)} distinct data order(s)", flush=True)
@@ -500,21 +500,6 @@ def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim,
         f"a sweep of K={kp} settings needs about {need / 2**20:.0f} MiB per device (XLA memory analysis of "
         f"the compiled step) but {what} is {avail / 2**20:.0f} MiB: the largest K that fits is {largest}. "
         f"Sweep fewer settings (or several sweeps), or use more devices")
-
-
-def _truncate_jsonl(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    with open(path, "w") as f:
-        f.writelines(keep)
 
 
 def _progress(done, total, start, t0, k, losses) -> None:

@@ -28,7 +28,7 @@ class MetricWriter:
         self.jsonl = None
         if enabled:
             path = os.path.join(workdir, "metrics.jsonl")
-            _keep_steps_up_to(path, start_step)
+            keep_steps_up_to(path, start_step)
             self.writer = SummaryWriter(os.path.join(workdir, "tb"),
                                         purge_step=start_step + 1 if start_step else None)
             self.jsonl = open(path, "a")
@@ -64,7 +64,7 @@ class MetricWriter:
             self.jsonl.close()
 
 
-def _keep_steps_up_to(path: str, step: int) -> None:
+def keep_steps_up_to(path: str, step: int) -> None:
     """Rewrite the JSON-lines file at `path` without the records of steps after `step` (and
     without a line a kill cut short)."""
     if not os.path.exists(path):

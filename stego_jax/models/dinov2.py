@@ -288,22 +288,27 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
+    """x + ls1(attn(norm1(x), *context)), then x + ls2(ffn(norm2(x))): the pre-norm LayerScale block
+    of DINOv2 and DINOv3, which differ only in the attention (`attention`, called with the block's
+    extra arguments, e.g. DINOv3's RoPE) and the SwiGLU variant (`swiglu`)."""
 
-    config: DinoV2Config
+    config: Any
     dtype: Any = jnp.float32
+    attention: Any = Attention
+    swiglu: Any = None  # default: this module's fused SwiGLU
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_attention: bool = False):
+    def __call__(self, x: jax.Array, *context, return_attention: bool = False):
         cfg = self.config
         norm = functools.partial(
             nn.LayerNorm, epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=jnp.float32
         )
-        y, attn = Attention(cfg, self.dtype, name="attn")(norm(name="norm1")(x), return_attention)
+        y, attn = self.attention(cfg, self.dtype, name="attn")(norm(name="norm1")(x), *context,
+                                                               return_attention)
         if cfg.layer_scale:
             y = LayerScale(cfg.embed_dim, self.dtype, name="ls1")(y)
         x = x + y
-        ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp
+        ffn = (self.swiglu or SwiGLU) if cfg.ffn == "swiglu" else Mlp
         y = ffn(cfg, self.dtype, name="mlp")(norm(name="norm2")(x))
         if cfg.layer_scale:
             y = LayerScale(cfg.embed_dim, self.dtype, name="ls2")(y)
@@ -364,5 +369,5 @@ class DinoV2VisionTransformer(nn.Module):
         attn = None
         for i in range(cfg.depth):
             want = return_attention and i == cfg.depth - 1
-            tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens, want)
+            tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens, return_attention=want)
         return final_norm(tokens, cfg.norm_eps, self.dtype, attn, return_attention)

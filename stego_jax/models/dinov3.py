@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from stego_jax.models.dinov2 import LayerScale
+from stego_jax.models.dinov2 import Block
 from stego_jax.models.vit import (
-    Mlp,
     attend,
     check_images,
     embed_patches,
@@ -254,31 +253,6 @@ class SwiGLU(nn.Module):
         return dense(self.config.embed_dim, name="w3")(jax.nn.silu(x1) * x2)
 
 
-class Block(nn.Module):
-    """x + ls1(attn(norm1(x), rope)), then x + ls2(ffn(norm2(x)))."""
-
-    config: DinoV3Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, rope, n_prefix: int, return_attention: bool = False):
-        cfg = self.config
-        norm = functools.partial(
-            nn.LayerNorm, epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=jnp.float32
-        )
-        y, attn = Attention(cfg, self.dtype, name="attn")(
-            norm(name="norm1")(x), rope, n_prefix, return_attention
-        )
-        if cfg.layer_scale:
-            y = LayerScale(cfg.embed_dim, self.dtype, name="ls1")(y)
-        x = x + y
-        ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp
-        y = ffn(cfg, self.dtype, name="mlp")(norm(name="norm2")(x))
-        if cfg.layer_scale:
-            y = LayerScale(cfg.embed_dim, self.dtype, name="ls2")(y)
-        return x + y, attn
-
-
 class DinoV3VisionTransformer(nn.Module):
     """DINOv3 ViT returning all tokens after the final LayerNorm.
 
@@ -328,7 +302,6 @@ class DinoV3VisionTransformer(nn.Module):
         attn = None
         for i in range(cfg.depth):
             want = return_attention and i == cfg.depth - 1
-            tokens, attn = Block(cfg, self.dtype, name=f"blocks_{i}")(
-                tokens, rope, cfg.num_prefix_tokens, want
-            )
+            block = Block(cfg, self.dtype, attention=Attention, swiglu=SwiGLU, name=f"blocks_{i}")
+            tokens, attn = block(tokens, rope, cfg.num_prefix_tokens, return_attention=want)
         return final_norm(tokens, cfg.norm_eps, self.dtype, attn, return_attention)

@@ -248,21 +248,4 @@ def _load_registered_dinov3(spec: WeightSpec, sd, where: str, num_heads, overrid
         raise ValueError(f"{e}; the file is not the {spec.name} checkpoint") from None
 
 
-def load_dino(
-    name_or_path: str | Path,
-    *,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-    base_url: str | None = None,
-    num_heads: int | None = None,
-    **overrides: Any,
-) -> tuple[ViTConfig | DinoV2Config | DinoV3Config, dict[str, Any]]:
-    """Alias of `load_backbone` (kept for existing callers)."""
-    return load_backbone(
-        name_or_path,
-        cache_dir=cache_dir,
-        progress=progress,
-        base_url=base_url,
-        num_heads=num_heads,
-        **overrides,
-    )
+load_dino = load_backbone  # the DINO v1 name, kept for existing callers
