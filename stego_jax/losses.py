@@ -72,11 +72,16 @@ def _sample(t: Array, coords: Array, batch_idx: Array | None = None) -> Array:
     y1 = jnp.minimum(y0 + 1, h - 1)
     if batch_idx is None:
         batch_idx = jnp.arange(n)
-    b = jnp.broadcast_to(batch_idx[:, None, None], (n, ws, hs))
-    v00 = t[b, y0, x0]
-    v01 = t[b, y0, x1]
-    v10 = t[b, y1, x0]
-    v11 = t[b, y1, x1]
+    base = (batch_idx.astype(jnp.uint32) * h)[:, None, None]
+    x0, x1, y0, y1 = (v.astype(jnp.uint32) for v in (x0, x1, y0, y1))
+    rows = jnp.stack([(base + y0) * w + x0, (base + y0) * w + x1,
+                      (base + y1) * w + x0, (base + y1) * w + x1], axis=-1)
+    # One gather of the four neighbours' rows, with its indices computed beforehand: left to
+    # itself XLA:CPU fuses the index arithmetic into each of four gathers and redoes it for every
+    # channel, which made the sampling a third of the cached train step.
+    rows = jax.lax.optimization_barrier(rows)
+    v = jnp.asarray(t).reshape(-1, t.shape[-1]).at[rows].get(mode="promise_in_bounds")
+    v00, v01, v10, v11 = v[..., 0, :], v[..., 1, :], v[..., 2, :], v[..., 3, :]
     top = v00 * (1 - wx) + v01 * wx
     bottom = v10 * (1 - wx) + v11 * wx
     return top * (1 - wy) + bottom * wy
@@ -135,14 +140,32 @@ def correspondence_term(
     Returns:
       ``(loss, cd)``, both ``[B, H, W, I, J]``; ``cd`` is ``S`` before clamping.
     """
-    fd = jax.lax.stop_gradient(tensor_correlation(norm(f1), norm(f2)))
+    b, h, w, _ = c1.shape
+    _, i, j, _ = c2.shape
+    loss, cd = _term(*(x.reshape(x.shape[0], -1, x.shape[-1]) for x in (f1, f2, c1, c2)), shift,
+                     pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize)
+    return loss.reshape(b, h, w, i, j), cd.reshape(b, h, w, i, j)
+
+
+def _term(f1, f2, c1, c2, shift, *, pointwise, zero_clamp, stabilize):
+    """`correspondence_term` on flattened points, ``[B,P,D], [B,Q,D] -> [B,P,Q]``.
+
+    The work is done with the points of each map on one axis: differentiating the 5-d
+    ``[B,H,W,I,J]`` layout made XLA:CPU transpose those arrays in the backward pass, which cost
+    half the sweep/cached train step (same numbers up to float summation order)."""
+    fd = jax.lax.stop_gradient(jnp.einsum("bpc,bqc->bpq", norm(f1), norm(f2)))
     if pointwise:
         old_mean = jnp.mean(fd)
-        fd = fd - jnp.mean(fd, axis=(3, 4), keepdims=True)
+        fd = fd - jnp.mean(fd, axis=2, keepdims=True)
         fd = fd - jnp.mean(fd) + old_mean
-    cd = tensor_correlation(norm(c1), norm(c2))
+    cd = jnp.einsum("bpc,bqc->bpq", norm(c1), norm(c2))
     min_val = 0.0 if zero_clamp else -9999.0
-    clamped = jnp.clip(cd, min_val, 0.8) if stabilize else jnp.maximum(cd, min_val)
+    # torch.clamp's gradient is 1 where min <= cd <= max, ties included (jnp.maximum/clip give 1/2
+    # at a tie); a select has exactly that gradient, and is cheaper to differentiate.
+    if stabilize:
+        clamped = jnp.where((cd >= min_val) & (cd <= 0.8), cd, jnp.clip(cd, min_val, 0.8))
+    else:
+        clamped = jnp.where(cd >= min_val, cd, min_val)
     loss = -clamped * (fd - shift)
     return loss, cd
 
@@ -188,14 +211,16 @@ def correspondence_loss_given_draws(
     Returns:
       ``(loss, aux)``: scalar total loss and a dict of scalar means of each term's loss and cd.
     """
-    term = lambda f1, f2, c1, c2, s: correspondence_term(  # noqa: E731
+    term = lambda f1, f2, c1, c2, s: _term(  # noqa: E731
         f1, f2, c1, c2, s, pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize
     )
+    # Sampled points flattened to [B, S*S, C]: the terms work on that layout (see `_term`).
+    flat = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])  # noqa: E731
     n_neg = neg_perms.shape[0]
-    f_s = _sample(feats, coords1)
-    c_s = _sample(code, coords1)
-    fp_s = _sample(feats_pos, coords2)
-    cp_s = _sample(code_pos, coords2)
+    f_s = flat(_sample(feats, coords1))
+    c_s = flat(_sample(code, coords1))
+    fp_s = flat(_sample(feats_pos, coords2))
+    cp_s = flat(_sample(code_pos, coords2))
 
     intra_loss, intra_cd = term(f_s, f_s, c_s, c_s, weights.pos_intra_shift)
     inter_loss, inter_cd = term(f_s, fp_s, c_s, cp_s, weights.pos_inter_shift)
@@ -205,8 +230,8 @@ def correspondence_loss_given_draws(
     idx = neg_perms.reshape(-1).astype(jnp.int32)
     coords2_rep = jnp.tile(coords2, (n_neg, 1, 1, 1))
     split = lambda x: x.reshape(n_neg, -1, *x.shape[1:])  # noqa: E731
-    fn_s = split(_sample(feats, coords2_rep, idx))
-    cn_s = split(_sample(code, coords2_rep, idx))
+    fn_s = split(flat(_sample(feats, coords2_rep, idx)))
+    cn_s = split(flat(_sample(code, coords2_rep, idx)))
     # vmap, not one big batch: with `pointwise` the global mean added back to F is per draw in the
     # official code (one helper call per draw), so draws must not share it.
     neg_term = lambda fn, cn: term(f_s, fn, c_s, cn, weights.neg_inter_shift)  # noqa: E731
@@ -322,6 +347,9 @@ def linear_probe_loss(logits: Array, labels: Array, n_classes: int) -> Array:
     logp = jax.nn.log_softmax(up, axis=-1)
     valid = (labels >= 0) & (labels < n_classes)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    # The label's entry picked by a select (exact: one term, the others 0) rather than a gather,
+    # which vmapped over a sweep's settings became a gather with index arrays of the logits' size.
+    pick = safe[..., None] == jnp.arange(logp.shape[-1], dtype=jnp.int32)
+    nll = -jnp.sum(jnp.where(pick, logp, 0.0), axis=-1)
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype)

@@ -200,23 +200,62 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def make_sweep_step(config, modules, mesh, *, shard: str, shared_batch: bool):
+def seed_groups(seeds: list[int]) -> tuple[np.ndarray, int, int] | None:
+    """`(order, U, M)` when each of the U distinct seeds has the same number M of settings (any grid
+    sweep): `order` lists the settings seed by seed (distinct seeds ascending); else None."""
+    distinct = sorted(set(seeds))
+    counts = {seeds.count(s) for s in distinct}
+    if len(counts) != 1:
+        return None
+    order = np.concatenate([np.flatnonzero(np.asarray(seeds) == s) for s in distinct])
+    return order, len(distinct), counts.pop()
+
+
+def make_sweep_step(config, modules, mesh, *, shard: str, groups: tuple[np.ndarray, int, int] | None):
     """`step(states, batch, step_keys, hparams, data_index) -> (states, metrics)`, every leaf of
-    states/metrics with a leading K axis. `batch` holds one batch per distinct seed ([U,B,...]),
-    setting k reading `data_index[k]` (`shared_batch`: U = 1, passed unbatched to all K).
+    states/metrics with a leading K axis. `batch` holds one batch per distinct seed ([U,B,...]).
     `shard="settings"` splits K over the mesh (the batch replicated), `"batch"` splits the batch
-    (the K states replicated), as training does."""
+    (the K states replicated), as training does.
+
+    With `groups` (see `seed_groups`) the settings of one seed share its batch and step key, so the
+    step is vmapped twice: over the U seeds, then over the M settings of a seed with the batch and
+    key unbatched. Whatever depends only on them -- the dropped-out features, the random sample
+    points and negative draws, the features' correlations, the labels -- is then computed once per
+    seed rather than once per setting. Otherwise setting k reads batch `data_index[k]`."""
 
     def one(state, batch, key, hp):
         cfg = _Overlay(config, _nest(hp))
         return steps.train_step(state, batch, key, config=cfg, modules=modules, optimizer=make_optimizer(cfg))
 
     def step(states, batch, keys, hparams, data_index):
-        if shared_batch:
-            b = jax.tree_util.tree_map(lambda x: x[0], batch)
-            return jax.vmap(one, in_axes=(0, None, 0, 0))(states, b, keys, hparams)
-        b = jax.tree_util.tree_map(lambda x: x[data_index], batch)
-        return jax.vmap(one, in_axes=(0, 0, 0, 0))(states, b, keys, hparams)
+        if groups is None:
+            b = jax.tree_util.tree_map(lambda x: x[data_index], batch)
+            return jax.vmap(one, in_axes=(0, 0, 0, 0))(states, b, keys, hparams)
+        order, u, m = groups
+        same = bool(np.all(order == np.arange(len(order))))
+        inverse = np.argsort(order)
+
+        def regroup(x):
+            return (x if same else x[order]).reshape(u, m, *x.shape[1:])
+
+        def ungroup(x):
+            x = x.reshape(u * m, *x.shape[2:])
+            return x if same else x[inverse]
+
+        # The step counter, folded into the key, is the same for all settings (they train in
+        # lockstep): passed unbatched, so that the key and every draw made with it stay unbatched.
+        count = states["step"][0]
+        rest = {name: v for name, v in states.items() if name != "step"}
+        grouped = jax.tree_util.tree_map(regroup, (rest, hparams))
+        seed_keys = keys[order[::m]]  # every setting of a seed has that seed's key
+
+        def at_count(state, count, batch, key, hp):
+            return one({**state, "step": count}, batch, key, hp)
+
+        per_seed = jax.vmap(at_count, in_axes=(0, None, None, None, 0))
+        new, out = jax.vmap(per_seed, in_axes=(0, None, 0, 0, 0))(grouped[0], count, batch, seed_keys,
+                                                                   grouped[1])
+        return jax.tree_util.tree_map(ungroup, (new, out))
 
     k_sh, b_sh = shardings(mesh, shard)
     return jax.jit(step, in_shardings=(k_sh, b_sh, k_sh, k_sh, k_sh), out_shardings=(k_sh, k_sh),
@@ -385,10 +424,9 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     batches = _Batches(source, distinct, config, b_sh)
     example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                      batches(0))
-    step_jit = make_sweep_step(config, modules, mesh, shard=shard, shared_batch=len(distinct) == 1)
+    step_jit = make_sweep_step(config, modules, mesh, shard=shard, groups=seed_groups(seeds))
     compiled = step_jit.lower(state, example, step_keys, hparams, data_index).compile()
-    _check_memory(compiled, kp, config, modules, mesh, shard, example, featurizer.dim, memory_limit_mb,
-                  len(distinct) == 1)
+    _check_memory(compiled, kp, config, modules, mesh, shard, example, featurizer.dim, memory_limit_mb)
     with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
         json.dump(record, f, indent=1)
     os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
@@ -472,7 +510,7 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
             "params": jax.tree_util.tree_map(lambda x: np.asarray(x)[:k], jax.device_get(state["params"]))}
 
 
-def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim, limit_mb, shared) -> None:
+def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim, limit_mb) -> None:
     need = program_bytes(compiled)
     if need is None:
         return
@@ -490,8 +528,9 @@ def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim,
         keys = jax.ShapeDtypeStruct((unit,), jax.random.key(0).dtype, sharding=k_sh)
         idx = jax.ShapeDtypeStruct((unit,), jnp.int32, sharding=k_sh)
         hp = {}
-        step_jit = make_sweep_step(config, modules, mesh, shard=shard, shared_batch=shared)
-        ex = example if shared else jax.tree_util.tree_map(
+        # `unit` settings of one seed: the cost of a setting beside others sharing its batch.
+        step_jit = make_sweep_step(config, modules, mesh, shard=shard, groups=(np.arange(unit), 1, unit))
+        ex = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype, sharding=x.sharding), example)
         m1 = program_bytes(step_jit.lower(small, ex, keys, hp, idx).compile()) or 0
         per = max((need - m1) / (kp - unit), 1.0) * unit  # bytes per `unit` settings

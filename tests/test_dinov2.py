@@ -287,33 +287,3 @@ def test_config_file():
     assert (c.model.backbone, c.model.patch_size, c.data.res % 14, c.eval.res % 14) == (
         "dinov2_vitb14", 14, 0, 0)
     assert load_config_file(str(path), "reg").model.backbone == "dinov2_vitb14_reg"
-
-
-def test_stego_trains_end_to_end_on_a_random_dinov2_backbone(tmp_path):
-    from stego_jax import knn, train
-    from stego_jax.config import load_config_file
-
-    c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "demo.py"))
-    c.model.featurizer = "dino"
-    c.model.backbone = str(FIX / "dinov2_swiglu_reg.pth")  # fused SwiGLU, 4 registers, random
-    c.model.num_heads = 2
-    c.model.patch_size = 14
-    c.model.dim = 8
-    c.num_steps = 4
-    c.batch_size = 8
-    c.data.n_train = 24
-    c.data.n_val = 8
-    c.data.size = 42
-    c.data.res = 42  # a 3x3 patch grid
-    c.eval.res = 42
-    c.eval.batch_size = 8
-    c.loss.feature_samples = 3
-    c.loss.neg_samples = 2
-    c.knn.k = 4
-    c.knn.num_neighbors = 2
-    c.knn.dir = str(tmp_path / "nns")
-    c.log_every = c.eval_every = c.checkpoint_every = 2
-    knn.run(c)
-    out = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert out["step"] == 4
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["params"]))

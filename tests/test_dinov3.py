@@ -1,6 +1,6 @@
 """DINOv3 backbone: fidelity against fixtures written by the official facebookresearch/dinov3 code
 (tests/fixtures/make_dinov3_fixtures.py), RoPE, architecture checks, the local-only registry,
-the hub configurations, bf16, the featurizer and STEGO end to end."""
+the hub configurations, bf16 and the featurizer (the STEGO pipeline on it: test_backbones_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -245,32 +245,3 @@ def test_config_file():
     validate(c)
     assert (c.model.backbone, c.model.patch_size, c.data.res % 16, c.eval.res % 16) == (
         "dinov3_vitb16", 16, 0, 0)
-
-
-def test_stego_trains_end_to_end_on_a_random_dinov3_backbone(tmp_path):
-    from stego_jax import knn, train
-    from stego_jax.config import load_config_file
-
-    c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "demo.py"))
-    c.model.featurizer = "dino"
-    c.model.backbone = str(FIX / "dinov3_swiglu.pth")  # SwiGLU, 4 storage tokens, random
-    c.model.patch_size = 16
-    c.model.dim = 8
-    c.num_steps = 4
-    c.batch_size = 8
-    c.data.n_train = 24
-    c.data.n_val = 8
-    c.data.size = 48
-    c.data.res = 48  # a 3x3 patch grid
-    c.eval.res = 48
-    c.eval.batch_size = 8
-    c.loss.feature_samples = 3
-    c.loss.neg_samples = 2
-    c.knn.k = 4
-    c.knn.num_neighbors = 2
-    c.knn.dir = str(tmp_path / "nns")
-    c.log_every = c.eval_every = c.checkpoint_every = 2
-    knn.run(c)
-    out = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert out["step"] == 4
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["params"]))

@@ -190,6 +190,24 @@ def test_correspondence_term_matches_numpy(flags):
         assert np.all(np.asarray(loss)[ref_cd < 0] == 0)  # zero clamp: negative-cos pairs inert
 
 
+def test_correspondence_term_clamp_gradient_is_torch_clamp_at_ties():
+    # torch.clamp(x, min[, max]) passes the gradient where min <= x <= max, ties included. Codes
+    # at exactly 0 cosine (orthogonal) and exactly 0.8 (stabilize) are the ties: the gradient of
+    # -clamp(cd) * (fd - shift) w.r.t. c1 is then -(fd - shift) * d(cd)/d(c1), in closed form.
+    f1 = jnp.asarray([[[[1.0, 0.0]]]])
+    f2 = jnp.asarray([[[[0.6, 0.8]]]])  # fd = 0.6
+    c2 = jnp.asarray([[[[0.0, 1.0]]]])
+    shift = 0.25
+    for c1_vec, flags in (([1.0, 0.0], {}), ([0.6, 0.8], {"stabilize": True})):
+        c1 = jnp.asarray([[[c1_vec]]])
+        grad = jax.grad(lambda c: jnp.sum(losses.correspondence_term(f1, f2, c, c2, shift, **flags)[0]))(c1)
+        a, b = np.asarray(c1_vec), np.array([0.0, 1.0])
+        cos = a @ b
+        assert cos in (0.0, 0.8)
+        dcos = b - cos * a  # unit vectors: d cos(a, b) / d a
+        np.testing.assert_allclose(np.asarray(grad).reshape(2), -(0.6 - shift) * dcos, atol=1e-6)
+
+
 # ---------------------------------------------------------------- super_perm
 
 

@@ -53,7 +53,7 @@ def test_notebook_structure():
         compile(src, "<cell>", "exec")
     joined = "\n".join(code)
     # The real path is the package's public entry points, not a stand-in.
-    for needle in ("load_dino(config.model.backbone)", "stego_jax.data.prepare", "knn.run(config)",
+    for needle in ("load_backbone(config.model.backbone", "stego_jax.data.prepare", "knn.run(config)",
                    "train_and_evaluate(config, WORKDIR)", "evaluate(config, WORKDIR", "predict_folder(",
                    "configs/cocostuff27_vits8.py", 'load_config_file("configs/demo.py", "tiny")'):
         assert needle in joined, needle
@@ -118,10 +118,22 @@ def _execute(notebook: Path, env: dict) -> None:
         assert "--- notebook finished" in proc.stdout
 
 
+# The real path's backbones: a random one-block DINO ViT (npz), and the DINOv2 _reg checkpoint with
+# random weights written by the official code (tests/fixtures/make_dinov2_fixtures.py) under its
+# own experiment config, patch 14.
+REAL_PATH_CASES = {
+    "dino": ("configs/cocostuff27_vits8.py", {"data.res": 32, "eval.res": 32}),
+    "dinov2": ("configs/cocostuff27_dinov2_vitb14.py",
+               {"model.backbone": str(ROOT / "tests" / "fixtures" / "dinov2_swiglu_reg.pth"),
+                "model.num_heads": 2, "data.res": 28, "eval.res": 28}),
+}
+
+
 @pytest.mark.slow
-def test_notebook_real_path_on_fake_cocostuff(tmp_path):
+@pytest.mark.parametrize("backbone", sorted(REAL_PATH_CASES))
+def test_notebook_real_path_on_fake_cocostuff(tmp_path, backbone):
     """DEMO = False end to end (prepare CLI, k-NN, train, evaluate, predict) on a fake 6-image COCO-Stuff
-    layout with a random one-block ViT given as a local weights file instead of a download."""
+    layout with a random-weight backbone given as a local weights file instead of a download."""
     try:
         from tests.test_reproduce_scripts import _fake_cocostuff, _random_dino
     except ImportError:
@@ -129,15 +141,18 @@ def test_notebook_real_path_on_fake_cocostuff(tmp_path):
 
     _fake_cocostuff(tmp_path / "raw")
     _random_dino(tmp_path / "vit.npz")
+    config_file, extra = REAL_PATH_CASES[backbone]
+    overrides = {"model.backbone": str(tmp_path / "vit.npz"), "num_steps": 2, "batch_size": 4,
+                 "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval.batch_size": 2,
+                 "data.num_workers": 1, "knn.k": 3, "knn.num_neighbors": 2, **extra}
     nb = json.loads(NOTEBOOK.read_text())
     first = next(c for c in nb["cells"] if c["cell_type"] == "code")
     first["source"] = "".join(first["source"]) + f"""
 DEMO = False
+CONFIG = {config_file!r}
 DATA_RAW = {str(tmp_path / "raw")!r}
 DATA_DIR = {str(tmp_path / "prepared")!r}
-OVERRIDES = {{"model.backbone": {str(tmp_path / "vit.npz")!r}, "num_steps": 2, "batch_size": 4, "data.res": 32,
-             "eval.res": 32, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval.batch_size": 2,
-             "data.num_workers": 1, "knn.k": 3, "knn.num_neighbors": 2}}
+OVERRIDES = {overrides!r}
 """
     patched = tmp_path / "real.ipynb"
     patched.write_text(json.dumps(nb))
@@ -146,3 +161,6 @@ OVERRIDES = {{"model.backbone": {str(tmp_path / "vit.npz")!r}, "num_steps": 2, "
     assert (tmp_path / "prepared" / "manifest.json").exists()
     assert "| cluster+crf |" in (workdir / "results.md").read_text()
     assert sorted((workdir / "predictions" / "overlays").glob("*.png"))
+    run = json.loads((workdir / "config.json").read_text())
+    assert (run["model"]["backbone"], run["model"]["patch_size"]) == (overrides["model.backbone"],
+                                                                     14 if backbone == "dinov2" else 8)

@@ -106,6 +106,27 @@ def test_each_setting_equals_its_single_training_run(swept, tmp_path, k):
     assert np.abs(other - leaves(ref["params"])[0]).max() > 1e-3
 
 
+def test_seed_groups():
+    order, u, m = sweep.seed_groups([0, 1, 0, 1, 0, 1])
+    assert (order.tolist(), u, m) == ([0, 2, 4, 1, 3, 5], 2, 3)
+    assert sweep.seed_groups([3, 3]) is not None and sweep.seed_groups([0, 1, 1]) is None
+
+
+def test_uneven_seeds_equal_single_runs(tmp_path):
+    """Seeds with different numbers of settings: each setting reads its seed's batch by index (the
+    path without seed groups); it still equals its single run."""
+    short = config(num_steps=5, log_every=5, eval_every=5, checkpoint_every=5)
+    settings = [{"seed": 0, "loss.pos_intra_shift": 0.08}, {"seed": 0, "loss.pos_intra_shift": 0.28},
+                {"seed": 1, "loss.pos_intra_shift": 0.08}]
+    assert sweep.seed_groups([s["seed"] for s in settings]) is None
+    result = sweep.train_sweep(short, str(tmp_path / "sweep"), settings, devices=jax.devices()[:1], quiet=True)
+    for k in (1, 2):
+        ref = train.train_and_evaluate(sweep.setting_config(short, settings[k]), str(tmp_path / str(k)),
+                                       devices=jax.devices()[:1])
+        for a, b in zip(leaves(ref["params"]), leaves(result["params"])):
+            np.testing.assert_allclose(b[k], a, rtol=1e-5, atol=1e-6)
+
+
 def test_reports_sorted_and_written(swept):
     d, _, settings, result = swept
     table = json.load(open(os.path.join(d, "sweep.json")))["results"]
@@ -164,6 +185,12 @@ def test_settings_sharded_over_devices_equal_one_device(swept, tmp_path):
         assert a.shape[0] == 3
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(c, a, rtol=2e-5, atol=2e-6)
+    # The whole grid (every seed with as many settings: the seed-grouped step) over 8 devices.
+    assert sweep.seed_groups([s["seed"] for s in settings]) is not None
+    grid_one = sweep.train_sweep(short, str(tmp_path / "grid1"), settings, devices=jax.devices()[:1], quiet=True)
+    grid_eight = sweep.train_sweep(short, str(tmp_path / "grid8"), settings, quiet=True)
+    for a, b in zip(leaves(grid_one["params"]), leaves(grid_eight["params"])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_a_sweep_that_does_not_fit_is_refused_with_a_k_that_fits(swept, tmp_path):

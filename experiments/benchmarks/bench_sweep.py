@@ -19,7 +19,14 @@ the production programs:
   memory      one subprocess per K (--memory-k): the process's max RSS after a short sweep and
               XLA's memory analysis of the compiled step (arguments + outputs + temporaries).
 
+With `--backbone vits8` the featurizer is a ViT-S/8 of `dino_vits8`'s shapes with random weights
+(the same FLOPs as the real one; no download) instead of the demo's descriptor, on a smaller set
+(--n-train training images): its features are cached on disk once (`feature_cache.dir`, timed as
+`cache_build_s`) with its k-NN table (`knn_s`), and the sweep and every single run read that cache, as
+a user's would. The streamed row then carries the backbone's real cost per step.
+
   python experiments/benchmarks/bench_sweep.py                 # K=16, 300 steps (the demo's)
+  python experiments/benchmarks/bench_sweep.py --backbone vits8 --steps 100 --memory-ks ""
   python experiments/benchmarks/bench_sweep.py --quick         # tiny: checks the script
 """
 
@@ -50,6 +57,43 @@ def demo_config(steps: int, quick: bool):
     if quick:
         c.data.n_train, c.data.n_val, c.batch_size = 64, 16, 8
     return c
+
+
+def random_vits8(path: str) -> None:
+    """A ViT-S/8 in the official DINO layout, `dino_vits8`'s shapes, random weights."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, depth, grid = 384, 12, 28
+    sd = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + grid * grid, d), "patch_embed.proj.weight": (d, 3, 8, 8),
+          "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
+                   b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+                   b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (4 * d, d),
+                   b + "mlp.fc1.bias": (4 * d,), b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,)})
+    arrays = {k: (0.02 * rng.standard_normal(shape)).astype(np.float32) for k, shape in sd.items()}
+    for k in arrays:
+        if k.endswith(("norm1.weight", "norm2.weight")) or k == "norm.weight":
+            arrays[k] = np.ones_like(arrays[k])
+    np.savez(path, **arrays)
+
+
+def vit_config(config, workdir: str, n_train: int):
+    """`config` with the random ViT-S/8 as the featurizer and an on-disk feature cache in `workdir`."""
+    random_vits8(os.path.join(workdir, "vits8_random.npz"))
+    config.model.featurizer = "dino"
+    config.model.backbone = os.path.join(workdir, "vits8_random.npz")
+    config.model.num_heads = 6
+    config.model.patch_size = 8
+    config.data.n_train = n_train
+    config.data.n_val = max(n_train // 4, 8)
+    config.knn.dir = os.path.join(workdir, "nns")
+    config.feature_cache.enabled = True
+    config.feature_cache.dir = os.path.join(workdir, "cache")
+    config.feature_cache.dtype = "float32"
+    return config
 
 
 def settings_for(config, k: int) -> list[dict]:
@@ -126,6 +170,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--streamed-steps", type=int, default=10, help="steps timed for the streamed estimate")
     ap.add_argument("--memory-ks", default="1,4,16", help="K values of the memory rows")
     ap.add_argument("--memory-steps", type=int, default=20)
+    ap.add_argument("--backbone", choices=("descriptor", "vits8"), default="descriptor",
+                    help="the demo's descriptor, or a random-weight ViT-S/8 with an on-disk cache")
+    ap.add_argument("--n-train", type=int, default=200, help="training images with --backbone vits8")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     ap.add_argument("--memory-k", type=int, default=0, help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "benchmarks", "results", "sweep.json"))
@@ -146,7 +193,19 @@ def main(argv=None) -> dict:
     config = demo_config(args.steps, args.quick)
     settings = settings_for(config, args.settings)
     k = len(settings)
+    prep = {}
     with tempfile.TemporaryDirectory() as d:
+        if args.backbone == "vits8":
+            from stego_jax import knn
+            from stego_jax.feature_sources import build_training_data
+
+            config = vit_config(config, d, 32 if args.quick else args.n_train)
+            t0 = time.perf_counter()
+            knn.run(config)
+            prep["knn_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            build_training_data(config, os.path.join(d, "build"), parallel.make_mesh())  # builds the cache
+            prep["cache_build_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sweep.train_sweep(config, os.path.join(d, "sweep"), settings, quiet=True)
         sweep_s = time.perf_counter() - t0
@@ -155,8 +214,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             train.train_and_evaluate(sweep.setting_config(config, s), os.path.join(d, f"run{i}"))
             seq.append(time.perf_counter() - t0)
-    sequential_s = sum(seq)
-    st = step_times(config, args.streamed_steps)
+        sequential_s = sum(seq)
+        st = step_times(config, args.streamed_steps)
     streamed_s = sequential_s + k * args.steps * max(st["streamed"] - st["cached"], 0.0)
 
     memory = []
@@ -170,7 +229,7 @@ def main(argv=None) -> dict:
         except ValueError:
             memory.append({"k": mk, "error": (proc.stderr or proc.stdout)[-300:]})
 
-    record = {"k": k, "steps": args.steps, "sweep_s": sweep_s, "sequential_s": sequential_s,
+    record = {"k": k, "steps": args.steps, "backbone": args.backbone, **prep, "sweep_s": sweep_s, "sequential_s": sequential_s,
               "sequential_first_run_s": seq[0], "sequential_later_runs_median_s": sorted(seq[1:])[len(seq[1:]) // 2]
               if len(seq) > 1 else None, "streamed_estimate_s": streamed_s,
               "step_cached_ms": 1e3 * st["cached"], "step_streamed_ms": 1e3 * st["streamed"],
@@ -180,7 +239,12 @@ def main(argv=None) -> dict:
     def table(records, env):
         r = records[0]
         lines = [common.machine_line(env), "",
-                 f"Demo config (synthetic, 'descriptor' featurizer, batch {config.batch_size}, {r['steps']} steps "
+                 (f"Demo config (synthetic, 'descriptor' featurizer, features in memory, batch {config.batch_size}, "
+                  if r.get("backbone", "descriptor") == "descriptor" else
+                  f"Demo config with a random-weight ViT-S/8 featurizer (dino_vits8 shapes), "
+                  f"{config.data.n_train} training images, features cached on disk once "
+                  f"({r['cache_build_s']:.1f} s; k-NN table {r['knn_s']:.1f} s, not in the rows), "
+                  f"batch {config.batch_size}, ") + f"{r['steps']} steps "
                  f"per setting), K = {r['k']} settings (loss.pos_intra_shift x seed).", "",
                  "| how the K settings are trained | wall s | sweep speed-up |", "|---|---:|---:|",
                  f"| one sweep from the cache (`stego_jax.sweep`) | {r['sweep_s']:.1f} | 1.0x |",

@@ -261,7 +261,7 @@ class Attention(nn.Module):
         # Explicit softmax(q·kᵀ·scale)·v where the weights are wanted, and on CPU for long
         # sequences: the same result bit for bit, but at 1601 tokens (ViT-S/8, 320 px, batch 4,
         # 2-core CPU) a whole forward ran in 0.85x the time of `dot_product_attention`'s, while
-        # at 785 tokens (224 px) it took 1.11x (farm-bench, paired runs).
+        # at 785 tokens (224 px) it took 1.11x (paired runs).
         explicit = return_attention or (
             jax.default_backend() == "cpu" and n >= _CPU_EXPLICIT_MIN_TOKENS
         )

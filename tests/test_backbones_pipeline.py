@@ -1,0 +1,127 @@
+"""DINOv2 (with registers) and DINOv3 (with storage tokens) backbones through the whole STEGO
+pipeline, each with a random-weight checkpoint written by the official code
+(tests/fixtures/make_dinov{2,3}_fixtures.py): the k-NN table, the on-disk feature cache written by
+`python -m stego_jax.feature_cache`, training from that cache, evaluation, and prediction on images
+of sizes that are not multiples of the patch.
+
+The cached features are checked against the backbone run by hand (ImageNet normalisation, the
+prefix tokens -- CLS and the four register/storage tokens -- dropped), so a cache holding a
+register token or a shifted grid fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from stego_jax import evaluate, feature_cache, knn, predict, train
+from stego_jax.config import load_config_file
+from stego_jax.data import build_dataset
+from stego_jax.models import build_backbone
+from stego_jax.weights import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures"
+
+# name: (checkpoint, patch, heads (None: read from the file), image side giving a 3x3 grid)
+BACKBONES = {
+    "dinov2_reg": ("dinov2_swiglu_reg.pth", 14, 2, 42),
+    "dinov3": ("dinov3_swiglu.pth", 16, None, 48),
+}
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet, as the official transforms
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+PREFIX = 1 + 4  # CLS + 4 registers (DINOv2 _reg) / 4 storage tokens (DINOv3)
+
+
+def _overrides(name: str, tmp: Path) -> dict:
+    ckpt, patch, heads, side = BACKBONES[name]
+    return {
+        "model.featurizer": "dino", "model.backbone": str(FIX / ckpt), "model.num_heads": heads or 0,
+        "model.patch_size": patch, "model.dim": 8, "num_steps": 4, "batch_size": 8,
+        "data.n_train": 24, "data.n_val": 8, "data.size": side, "data.res": side,
+        "eval.res": side, "eval.batch_size": 8, "eval.kmeans_restarts": 2, "eval.num_overlays": 2,
+        "loss.feature_samples": 3, "loss.neg_samples": 2, "knn.k": 4, "knn.num_neighbors": 2,
+        "knn.dir": str(tmp / "nns"), "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
+        "feature_cache.enabled": True, "feature_cache.dir": str(tmp / "cache"),
+        "feature_cache.dtype": "float32",
+    }
+
+
+def _config(overrides: dict):
+    c = load_config_file(str(ROOT / "configs" / "demo.py"))
+    for dotted, value in overrides.items():
+        node = c
+        *path, leaf = dotted.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def _by_hand(ckpt: str, heads, images: np.ndarray, patch: int) -> np.ndarray:
+    """Patch features of uint8 images computed directly from the backbone's tokens."""
+    cfg, params = load_backbone(ckpt, num_heads=heads)
+    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    tokens = np.asarray(build_backbone(cfg).apply({"params": params}, jnp.asarray(x)))
+    h, w = images.shape[1] // patch, images.shape[2] // patch
+    assert tokens.shape[1] == PREFIX + h * w
+    return tokens[:, PREFIX:].reshape(len(images), h, w, -1)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_pipeline_on_a_random_modern_backbone(name, tmp_path):
+    ckpt, patch, heads, side = BACKBONES[name]
+    ov = _overrides(name, tmp_path)
+    config = _config(ov)
+
+    # k-NN table, then the feature cache through its command line.
+    assert knn.run(config)
+    argv = ["--config", str(ROOT / "configs" / "demo.py")] + [
+        f"--config.{k}={v}" for k, v in ov.items()]
+    assert feature_cache.main(argv) == 0
+    cache = feature_cache.FeatureCache(str(tmp_path / "cache"))
+    train_ds = build_dataset(config, "train")
+    assert cache.n == len(train_ds) == 24
+    assert cache.feature_shape == (3, 3, load_backbone(str(FIX / ckpt), num_heads=heads)[0].embed_dim)
+    rows = np.array([0, 5, 23])
+    images = np.stack([train_ds[int(i)]["image"] for i in rows])
+    np.testing.assert_allclose(cache.features(rows), _by_hand(str(FIX / ckpt), heads, images, patch),
+                               rtol=1e-5, atol=1e-5)
+
+    # Training reads that cache (the manifest's fingerprint is checked against the config).
+    workdir = tmp_path / "run"
+    out = train.train_and_evaluate(config, str(workdir))
+    assert out["step"] == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["params"]))
+    assert json.loads((workdir / "config.json").read_text())["model"]["backbone"] == str(FIX / ckpt)
+
+    # Evaluation of the finished run (its config.json), k-means included.
+    res = evaluate.evaluate(None, str(workdir), quiet=True)
+    for probe in ("cluster", "linear", "kmeans"):
+        assert 0.0 <= res[probe]["mIoU"] <= 100.0, (probe, res[probe])
+    assert (workdir / "results.md").exists()
+
+    # Prediction on images whose sides are not multiples of the patch (resized to a working size
+    # that is), written at their own size; `segment` on an image of the working size.
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"wide.png": (side - 5, 2 * side + 3), "tall.jpg": (side + 7, side - 3)}
+    for fname, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img_dir / fname)
+    summary = predict.predict_folder(str(workdir), str(img_dir), str(tmp_path / "pred"), crf=False,
+                                     quiet=True)
+    assert not summary["failed"] and len(summary["written"]) == 2
+    for fname, (h, w) in sizes.items():
+        label = np.asarray(Image.open(tmp_path / "pred" / "labels" / (Path(fname).stem + ".png")))
+        assert label.shape == (h, w)
+    got = predict.segment(str(workdir), images[:2])
+    n_clusters = config.data.n_classes + config.model.extra_clusters
+    assert got["cluster"].shape == got["linear"].shape == (2, side, side)
+    assert 0 <= got["cluster"].min() and got["cluster"].max() < n_clusters
+    assert 0 <= got["linear"].min() and got["linear"].max() < config.data.n_classes
