@@ -221,22 +221,34 @@ def test_fused_attention_path_matches_numpy(params16):
     np.testing.assert_array_equal(np.asarray(fmap[0, 1, 2]), np.asarray(tokens[0, 1 + 1 * 3 + 2]))
 
 
-def test_cpu_long_sequence_path_equals_fused_path(params16, monkeypatch):
-    # On CPU, sequences of >= _CPU_EXPLICIT_MIN_TOKENS tokens take the explicit einsum path: it
-    # must give what dot_product_attention gives (and both the NumPy reference).
-    x = np.random.default_rng(8).normal(size=(1, 48, 48, 3)).astype(np.float32)
-    model = vit.VisionTransformer(TINY16)
-
-    def traced() -> str:
-        return str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params16, x))
-
-    monkeypatch.setattr(vit, "_CPU_EXPLICIT_MIN_TOKENS", 10**9)
-    fused, fused_jaxpr = np.asarray(_apply(TINY16, params16, x, return_attention=False)), traced()
-    monkeypatch.setattr(vit, "_CPU_EXPLICIT_MIN_TOKENS", 1)
-    explicit, explicit_jaxpr = np.asarray(_apply(TINY16, params16, x, return_attention=False)), traced()
-    assert explicit_jaxpr != fused_jaxpr  # the threshold really switches the path
-    np.testing.assert_allclose(explicit, fused, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(explicit, _numpy_vit(params16, x.astype(np.float64), TINY16)[0], atol=3e-5, rtol=0)
+def test_cpu_per_image_attention_equals_batched_and_fused_paths(params16):
+    # On CPU `attend` maps over the batch one image at a time; it must give what the whole batch
+    # at once gives (the path of other backends when the weights are wanted) and what
+    # dot_product_attention gives (their path otherwise), weights included.
+    assert jax.default_backend() == "cpu"
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 37, 4, 16)), jnp.float32) for _ in range(3))
+    scale = 16**-0.5
+    out, attn = jax.jit(lambda q, k, v: vit.attend(q, k, v, scale, True))(q, k, v)
+    only = jax.jit(lambda q, k, v: vit.attend(q, k, v, scale, False))(q, k, v)
+    assert only[1] is None
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: vit.attend(q, k, v, scale, False))(q, k, v))
+    assert "scan" in jaxpr or "while" in jaxpr  # one image at a time
+    batched_out, batched_attn = jax.jit(lambda q, k, v: vit._explicit(q, k, v, scale))(q, k, v)
+    fused = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(batched_out), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(attn), np.asarray(batched_attn), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(np.asarray(only[0]), np.asarray(out), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(fused), atol=1e-6, rtol=0)
+    # the weights in closed form: softmax over keys of the scaled dot products, NumPy float64
+    logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) * scale
+    ref = np.exp(logits - logits.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(attn), ref, atol=1e-6, rtol=0)
+    # and a whole model on a batch of several images against the NumPy ViT
+    x = rng.normal(size=(2, 48, 48, 3)).astype(np.float32)
+    tokens = np.asarray(_apply(TINY16, params16, x, return_attention=False))
+    np.testing.assert_allclose(tokens, _numpy_vit(params16, x.astype(np.float64), TINY16)[0], atol=3e-5, rtol=0)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(params8):
