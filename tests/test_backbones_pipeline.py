@@ -20,10 +20,11 @@ import pytest
 from PIL import Image
 
 from stego_jax import evaluate, feature_cache, knn, predict, train
-from stego_jax.config import load_config_file
 from stego_jax.data import build_dataset
 from stego_jax.models import build_backbone
 from stego_jax.weights import load_backbone
+
+from .test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -52,17 +53,6 @@ def _overrides(name: str, tmp: Path) -> dict:
     }
 
 
-def _config(overrides: dict):
-    c = load_config_file(str(ROOT / "configs" / "demo.py"))
-    for dotted, value in overrides.items():
-        node = c
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return c
-
-
 def _by_hand(ckpt: str, heads, images: np.ndarray, patch: int) -> np.ndarray:
     """Patch features of uint8 images computed directly from the backbone's tokens."""
     cfg, params = load_backbone(ckpt, num_heads=heads)
@@ -77,7 +67,7 @@ def _by_hand(ckpt: str, heads, images: np.ndarray, patch: int) -> np.ndarray:
 def test_pipeline_on_a_random_modern_backbone(name, tmp_path):
     ckpt, patch, heads, side = BACKBONES[name]
     ov = _overrides(name, tmp_path)
-    config = _config(ov)
+    config = tiny_config(**ov)  # the demo config with these fields set
 
     # k-NN table, then the feature cache through its command line.
     assert knn.run(config)

@@ -234,11 +234,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, return_attent
     backends `dot_product_attention` (fused kernels) unless the weights are wanted.
     """
     if jax.default_backend() == "cpu":
-        if return_attention:
-            out, attn = jax.lax.map(lambda t: tuple(x[0] for x in _explicit(*(y[None] for y in t), scale)),
-                                    (q, k, v))
-            return out, attn
-        return jax.lax.map(lambda t: _explicit(*(y[None] for y in t), scale)[0][0], (q, k, v)), None
+        def per_image(t):
+            out, attn = _explicit(*(y[None] for y in t), scale)
+            return (out[0], attn[0]) if return_attention else out[0]
+
+        mapped = jax.lax.map(per_image, (q, k, v))
+        return mapped if return_attention else (mapped, None)
     if return_attention:
         return _explicit(q, k, v, scale)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None), None
