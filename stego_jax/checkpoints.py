@@ -16,6 +16,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -44,8 +45,11 @@ def _digests(directory: str) -> dict[str, str]:
 
 
 def _finite(tree) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
-               if np.issubdtype(np.asarray(x).dtype, np.floating))
+    """Every floating leaf is finite. Checked where each leaf lives: a leaf split over the devices of
+    several processes (a sweep's stacked state) cannot be fetched whole by one of them, the
+    reduced flag can."""
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 class Checkpoints:

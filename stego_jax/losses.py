@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from stego_jax.ops import norm, upsample_bilinear
+from stego_jax.ops import interp_matrix, norm
 
 Array = jax.Array
 
@@ -343,13 +343,74 @@ def linear_probe_loss(logits: Array, labels: Array, n_classes: int) -> Array:
       scalar mean cross-entropy over valid pixels; 0 if there is none. (Deliberate difference:
       the official CrossEntropyLoss on an empty selection returns NaN.)
     """
-    up = upsample_bilinear(logits, labels.shape[1:3])
-    logp = jax.nn.log_softmax(up, axis=-1)
+    return _upsampled_cross_entropy(logits, labels, n_classes)
+
+
+# The linear probe's loss, written out with its gradient: its work is all at label resolution
+# (B x H x W x n_classes logits, e.g. 16 x 224 x 224 x 27 per step), where autodiff of
+# resize + log_softmax + pick kept the upsampled logits channels-last (27 on the minor axis) and
+# moved them between layouts: 36% of a cached sweep step at the paper's shapes. Here the upsampling
+# is two matmuls with the interpolation matrices producing channel-first maps [B, C, H, W], and the
+# max, the sum of exponentials and the label's pick are elementwise over the C planes (one fused
+# pass each, vectorised along W; a reduction over the C axis was 3x slower). The gradient is
+# softmax - one-hot at the valid pixels over their count, resized back (the transpose of the
+# upsampling); only the log-sum-exp is kept for it. Same values up to float summation order
+# (tests: NumPy loss and its central differences). Measured on the 2-core CPU at the paper's
+# shapes: cached train step 457 -> 408 ms, a 16-setting sweep step 7.0 -> 6.2 s.
+
+def _upsample_cf(z_cf: Array, hw: tuple[int, int]) -> Array:
+    """``[B, C, h, w] -> [B, C, H, W]``, `upsample_bilinear` as two matmuls (full float32 precision,
+    as `jax.image.resize` contracts)."""
+    mh = jnp.asarray(interp_matrix(hw[0], z_cf.shape[2]))
+    mw = jnp.asarray(interp_matrix(hw[1], z_cf.shape[3]))
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("Hh,bchw->bcHw", mh, z_cf, precision=hi)
+    return jnp.einsum("bcHw,Ww->bcHW", x, mw, precision=hi)
+
+
+def _downsample_cf(d: Array, hw: tuple[int, int]) -> Array:
+    """The transpose of `_upsample_cf` to size ``hw`` = (h, w): ``[B, C, H, W] -> [B, C, h, w]``."""
+    mh = jnp.asarray(interp_matrix(d.shape[2], hw[0]))
+    mw = jnp.asarray(interp_matrix(d.shape[3], hw[1]))
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("bcHW,Ww->bcHw", d, mw, precision=hi)
+    return jnp.einsum("Hh,bcHw->bchw", mh, x, precision=hi)
+
+
+def _label_planes(labels: Array, n_classes: int) -> tuple[Array, Array]:
+    """(valid [B,H,W], one-hot [B,C,H,W] bool of the valid labels)."""
     valid = (labels >= 0) & (labels < n_classes)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    # The label's entry picked by a select (exact: one term, the others 0) rather than a gather,
-    # which vmapped over a sweep's settings became a gather with index arrays of the logits' size.
-    pick = safe[..., None] == jnp.arange(logp.shape[-1], dtype=jnp.int32)
-    nll = -jnp.sum(jnp.where(pick, logp, 0.0), axis=-1)
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype)
+    return valid, safe[:, None] == jnp.arange(n_classes, dtype=jnp.int32)[None, :, None, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _upsampled_cross_entropy(logits: Array, labels: Array, n_classes: int) -> Array:
+    return _upsampled_cross_entropy_fwd(logits, labels, n_classes)[0]
+
+
+def _upsampled_cross_entropy_fwd(logits, labels, n_classes):
+    z_cf = jnp.moveaxis(logits, -1, 1)
+    x = _upsample_cf(z_cf, labels.shape[1:3])
+    planes = [x[:, c] for c in range(x.shape[1])]
+    m = functools.reduce(jnp.maximum, planes)
+    lse = m + jnp.log(functools.reduce(jnp.add, [jnp.exp(p - m) for p in planes]))
+    valid, onehot = _label_planes(labels, n_classes)
+    # The label's logit picked by a select (exact: one term, the others 0), not a gather.
+    picked = functools.reduce(jnp.add, [jnp.where(onehot[:, c], p, 0.0) for c, p in enumerate(planes)])
+    count = jnp.maximum(jnp.sum(valid), 1).astype(x.dtype)
+    loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / count
+    return loss, (z_cf, labels, lse, count)
+
+
+def _upsampled_cross_entropy_bwd(n_classes, residuals, g):
+    z_cf, labels, lse, count = residuals
+    x = _upsample_cf(z_cf, labels.shape[1:3])
+    valid, onehot = _label_planes(labels, n_classes)
+    scale = jnp.where(valid, g / count, 0.0)[:, None]
+    d = (jnp.exp(x - lse[:, None]) - onehot.astype(x.dtype)) * scale
+    d_logits = jnp.moveaxis(_downsample_cf(d, z_cf.shape[2:4]), 1, -1)
+    return d_logits, None
+
+
+_upsampled_cross_entropy.defvjp(_upsampled_cross_entropy_fwd, _upsampled_cross_entropy_bwd)

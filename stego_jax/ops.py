@@ -9,6 +9,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -45,3 +46,19 @@ def upsample_bilinear(x: Array, hw: Sequence[int]) -> Array:
 def _upsample_bilinear(x: Array, hw: tuple[int, int]) -> Array:
     # antialias=False: torch's bilinear does not low-pass when shrinking, so neither do we.
     return jax.image.resize(x, (x.shape[0], hw[0], hw[1], x.shape[-1]), "linear", antialias=False)
+
+
+@functools.lru_cache(maxsize=None)
+def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``[n_out, n_in]`` float32 weights of the 1-D linear resize of `upsample_bilinear` (torch's
+    ``align_corners=False``: half-pixel centres, source positions below 0 clamped to 0, no
+    antialiasing): row ``i`` holds the two taps of output ``i``, summing to 1. A bilinear resize
+    of ``x [h, w]`` is ``interp_matrix(H, h) @ x @ interp_matrix(W, w).T``."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        frac = src - i0
+        m[i, i0] += 1.0 - frac
+        m[i, min(i0 + 1, n_in - 1)] += frac
+    return m.astype(np.float32)

@@ -100,6 +100,13 @@ def set_cpu_devices(config: Any = None) -> int | None:
     return n
 
 
+def distributed_requested(config: Any = None) -> bool:
+    """Whether `initialize_distributed` would start several processes (a coordinator or `auto`)."""
+    dist = config.get("distributed", None) if config is not None else None
+    auto = bool(dist.get("auto", False)) if dist is not None else False
+    return auto or bool(_field(dist, "coordinator_address", "", ENV_COORDINATOR))
+
+
 def initialize_distributed(config: Any = None) -> bool:
     """Start `jax.distributed` when a coordinator is configured (call before any JAX computation).
 
@@ -110,11 +117,11 @@ def initialize_distributed(config: Any = None) -> bool:
     `set_cpu_devices` first. Returns True if running distributed.
     """
     set_cpu_devices(config)
+    if not distributed_requested(config):
+        return False
     dist = config.get("distributed", None) if config is not None else None
     addr = _field(dist, "coordinator_address", "", ENV_COORDINATOR)
     auto = bool(dist.get("auto", False)) if dist is not None else False
-    if not addr and not auto:
-        return False
     if jax.distributed.is_initialized():
         return True
     if auto:

@@ -17,6 +17,11 @@ validation cluster mIoU), heatmaps of each pair of swept fields, loss_curves.png
 TensorBoard events in settings/<k>/tb, and the stacked state's checkpoints in state/ (a killed
 sweep resumes exactly). `--export best` (or a setting's number) writes an ordinary run directory
 that `stego_jax.evaluate` and `stego_jax.predict` take as it is.
+
+Several processes (a pod): every process runs the same command with the distributed settings of
+training (`config.distributed.*` or $STEGO_COORDINATOR...); K (or each batch, `--shard batch`) is
+split over the devices of all processes, process 0 alone writes the reports and logs, and the
+processes write the stacked state's checkpoints together.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from stego_jax.feature_sources import DiskFeatures, build_training_data
 from stego_jax.featurize import FEATURIZER_STATS
 from stego_jax.model import build_modules, create_state, make_optimizer
 from stego_jax.run_config import save_config
-from stego_jax.writers import MetricWriter, keep_steps_up_to
+from stego_jax.writers import MetricWriter, eta, keep_steps_up_to
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -290,7 +295,7 @@ def program_bytes(compiled) -> int | None:
 def available_bytes(mesh) -> tuple[int, str]:
     """Memory one device of `mesh` may still use: an accelerator's free memory, or on CPU the
     host's available memory shared by its (possibly simulated) devices."""
-    d = mesh.devices.flat[0]
+    d = next(x for x in mesh.devices.flat if x.process_index == jax.process_index())  # one of this process's
     stats = d.memory_stats() if hasattr(d, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"free memory of {d.device_kind}"
@@ -320,6 +325,23 @@ def _host_slice(tree, k: int):
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[k], tree)
 
 
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array every process holds whole -> a global array with `sharding`: each process
+    places the pieces its own devices hold (no cross-process traffic, unlike `jax.device_put`,
+    which with several processes first checks that they all hold the same value)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _global_keys(keys: list, sharding) -> jax.Array:
+    return jax.random.wrap_key_data(_global(np.asarray(jax.random.key_data(_stack_keys(keys))), sharding))
+
+
+def _to_host(tree):
+    """A tree of (possibly multi-process) arrays -> numpy, whole, on every process."""
+    return jax.tree_util.tree_map(parallel.gather_to_host, tree)
+
+
 class _Batches:
     """Per step, the batch of each distinct seed (each seed's own `plan_step`, as its single run
     would draw it), read from the shared cache once: the union of the rows."""
@@ -347,7 +369,7 @@ class _Batches:
         batch = {"feats": feats[inv[:n]].reshape(shape + feats.shape[1:]),
                  "feats_pos": feats[inv[n:]].reshape(shape + feats.shape[1:]),
                  "label": labels[a_inv].reshape(shape + labels.shape[1:]).astype(np.int32)}
-        return jax.device_put(batch, self.sharding)
+        return {name: _global(v, self.sharding) for name, v in batch.items()}
 
 
 def _sweep_record(config, settings, feat_dim, padded_k, shard) -> dict:
@@ -384,7 +406,11 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
 
     Returns {"step", "results": one dict per setting (in settings order: its values, validation
     scores, last training loss, `diverged_at`), "params": the stacked parameters [K,...]}.
+
+    Multi-process (config.distributed or $STEGO_COORDINATOR...): every process calls this with the
+    same arguments and workdir (a shared filesystem) and gets the same result.
     """
+    parallel.initialize_distributed(config)  # first: the JAX backend must not have started yet
     validate(config)
     for s in settings:
         for field in s:
@@ -392,10 +418,9 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     if not (config.feature_cache.enabled or config.feature_cache.dir):
         raise ValueError("a sweep trains from the feature cache: set --config.feature_cache.enabled=True "
                          "(in memory) or --config.feature_cache.dir=DIR (on disk)")
-    if jax.process_count() > 1:
-        raise ValueError("stego_jax.sweep runs in one process (its devices may be several); start it without "
-                         "distributed settings")
     os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    quiet = quiet or not is_main
     mesh = parallel.make_mesh(devices)
     n_dev = mesh.devices.size
     if shard == "batch":
@@ -412,13 +437,13 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     k_sh, b_sh = shardings(mesh, shard)
     seeds = [int(s.get("seed", config.seed)) for s in padded]
     distinct = sorted(set(seeds))
-    data_index = jax.device_put(np.asarray([distinct.index(s) for s in seeds], np.int32), k_sh)
+    data_index = _global(np.asarray([distinct.index(s) for s in seeds], np.int32), k_sh)
     swept = [f for f in TRACED_FIELDS if any(f in s for s in settings)]
-    hparams = {f: jax.device_put(np.asarray([s.get(f, flatten(config)[f]) for s in padded], np.float32), k_sh)
+    hparams = {f: _global(np.asarray([s.get(f, flatten(config)[f]) for s in padded], np.float32), k_sh)
                for f in swept}
     roots = [jax.random.split(jax.random.key(s)) for s in seeds]  # as train: (init key, step key)
     init_keys = _stack_keys([r[0] for r in roots])
-    step_keys = jax.device_put(_stack_keys([r[1] for r in roots]), k_sh)
+    step_keys = _global_keys([r[1] for r in roots], k_sh)
     state = jax.jit(jax.vmap(lambda key: create_state(config, featurizer.dim, key)), out_shardings=k_sh)(init_keys)
 
     batches = _Batches(source, distinct, config, b_sh)
@@ -427,27 +452,30 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     step_jit = make_sweep_step(config, modules, mesh, shard=shard, groups=seed_groups(seeds))
     compiled = step_jit.lower(state, example, step_keys, hparams, data_index).compile()
     _check_memory(compiled, kp, config, modules, mesh, shard, example, featurizer.dim, memory_limit_mb)
-    with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
+    if is_main:
+        with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
 
     ckpts = Checkpoints(os.path.join(workdir, STATE_DIR), config.keep_checkpoints)
     diverged = np.zeros(kp, np.int64)  # first non-finite step of each setting, 0 = none
     start = 0
-    holder = {"state": state, "diverged_at": jnp.zeros(kp, jnp.int32)}
+    rep = parallel.replicated(mesh)
+    holder = {"state": state, "diverged_at": _global(np.zeros(kp, np.int32), rep)}
     if ckpts.last.all_steps():
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                           holder)
         _, start, restored = ckpts.restore_newest_intact(abstract, move_damaged=True)
         state = restored["state"]
-        diverged = np.asarray(restored["diverged_at"]).astype(np.int64)
+        diverged = parallel.gather_to_host(restored["diverged_at"]).astype(np.int64)
         if not quiet:
             print(f"resumed the sweep from step {start} in {workdir}", flush=True)
 
-    writers = [MetricWriter(os.path.join(workdir, "settings", str(i)), config.num_steps, True, start_step=start)
+    writers = [MetricWriter(os.path.join(workdir, "settings", str(i)), config.num_steps, is_main, start_step=start)
                for i in range(k)]
     curves_path = os.path.join(workdir, "loss_curves.jsonl")
-    keep_steps_up_to(curves_path, start)
+    if is_main:
+        keep_steps_up_to(curves_path, start)
     if not quiet:
         print(f"sweep of {k} setting(s) x {config.num_steps} steps in one compiled step "
               f"({n_dev} device(s), split by {shard}); {len(distinct)} distinct data order(s)", flush=True)
@@ -456,44 +484,46 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     last_loss = [float("nan")] * k
     window: list = []
     t0, done = time.time(), start
+    curves = open(curves_path, "a") if is_main else None  # process 0 alone writes the reports
     try:
-        with open(curves_path, "a") as curves:
-            for step in range(start, config.num_steps):
-                state, out = compiled(state, batches(step), step_keys, hparams, data_index)
-                window.append(out)
-                done = step + 1
-                end = done == config.num_steps
-                if done % config.log_every == 0 or done % config.checkpoint_every == 0 or end:
-                    host = jax.device_get(window)
-                    window = []
-                    for j, m in enumerate(host):
-                        bad = np.asarray(m["nonfinite"]) & (diverged == 0)
-                        diverged[bad] = done - len(host) + j + 1
-                    mean = {key: np.mean([np.asarray(m[key]) for m in host], axis=0)
-                            for key in host[0] if key != "nonfinite"}
-                    for i in range(k):
-                        writers[i].scalars(done, {key: float(v[i]) for key, v in mean.items()}, "train/")
-                        last_loss[i] = float(mean["loss"][i])
+        for step in range(start, config.num_steps):
+            state, out = compiled(state, batches(step), step_keys, hparams, data_index)
+            window.append(out)
+            done = step + 1
+            end = done == config.num_steps
+            if done % config.log_every == 0 or done % config.checkpoint_every == 0 or end:
+                # [steps, K] per metric; with several processes each holds only its settings' part.
+                host = _to_host(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *window))
+                window = []
+                for j, bad in enumerate(host["nonfinite"]):
+                    bad = bad & (diverged == 0)
+                    diverged[bad] = done - len(host["nonfinite"]) + j + 1
+                mean = {key: np.mean(v, axis=0) for key, v in host.items() if key != "nonfinite"}
+                for i in range(k):
+                    writers[i].scalars(done, {key: float(v[i]) for key, v in mean.items()}, "train/")
+                    last_loss[i] = float(mean["loss"][i])
+                if curves is not None:
                     curves.write(json.dumps({"step": done, "loss": [float(x) for x in mean["loss"][:k]]}) + "\n")
                     curves.flush()
-                    if not quiet:
-                        _progress(done, config.num_steps, start, t0, k, mean["loss"][:k])
-                if done % config.eval_every == 0 or end:
-                    params = jax.device_get(state["params"])
-                    for i in range(k):
-                        last_eval[i] = steps.validate_probes(config, _host_slice(params, i), confusion_fn,
-                                                             val_batches)
-                        writers[i].scalars(done, last_eval[i], "val/")
-                if done % config.checkpoint_every == 0 or end:
-                    ckpts.save(done, {"state": state, "diverged_at": jnp.asarray(diverged, jnp.int32)})
+                if not quiet:
+                    _progress(done, config.num_steps, start, t0, k, mean["loss"][:k])
+            if done % config.eval_every == 0 or end:
+                params = _to_host(state["params"])
+                for i in range(k):
+                    last_eval[i] = steps.validate_probes(config, _host_slice(params, i), confusion_fn, val_batches)
+                    writers[i].scalars(done, last_eval[i], "val/")
+            if done % config.checkpoint_every == 0 or end:
+                ckpts.save(done, {"state": state, "diverged_at": _global(diverged.astype(np.int32), rep)})
     finally:
+        if curves is not None:
+            curves.close()
         ckpts.wait()
         ckpts.close()
         for w in writers:
             w.close()
 
     if start == config.num_steps or not last_eval[0]:  # nothing left to train: validate the restored state
-        params = jax.device_get(state["params"])
+        params = _to_host(state["params"])
         last_eval = [steps.validate_probes(config, _host_slice(params, i), confusion_fn, val_batches)
                      for i in range(k)]
     if last_loss[0] != last_loss[0] and os.path.exists(curves_path):  # resumed after the end: the log
@@ -505,9 +535,10 @@ def train_sweep(config, workdir: str, settings: list[dict], *, devices: list | N
     for i, s in enumerate(settings):
         results.append({"setting": i, **s, **last_eval[i], "train/loss": last_loss[i],
                         "diverged_at": int(diverged[i]) or None})
-    write_reports(workdir, config, settings, results, done)
+    if is_main:
+        write_reports(workdir, config, settings, results, done)
     return {"step": int(done), "results": results,
-            "params": jax.tree_util.tree_map(lambda x: np.asarray(x)[:k], jax.device_get(state["params"]))}
+            "params": jax.tree_util.tree_map(lambda x: x[:k], _to_host(state["params"]))}
 
 
 def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim, limit_mb) -> None:
@@ -544,13 +575,11 @@ def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim,
 def _progress(done, total, start, t0, k, losses) -> None:
     elapsed = time.time() - t0
     rate = (done - start) / elapsed if elapsed > 0 else float("nan")
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
     finite = np.asarray(losses)[np.isfinite(losses)]
     lo = f"{finite.min():.4f}" if finite.size else "nan"
     med = f"{np.median(finite):.4f}" if finite.size else "nan"
     print(f"step {done:>6d}/{total} | {k} settings | loss min {lo} median {med} | {rate:6.2f} steps/s "
-          f"({rate * k:.1f} setting-steps/s) | ETA {eta_s}", flush=True)
+          f"({rate * k:.1f} setting-steps/s) | ETA {eta(total - done, rate)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -737,16 +766,20 @@ def _main(fv, _) -> int:
         with open(path) as f:
             record = json.load(f)
         finished = "results" in record and record.get("step") == record["config"]["num_steps"]
+    if fv.export is not None and parallel.distributed_requested(fv.config):
+        raise ValueError(f"--export writes one run directory from one process: run the sweep with several "
+                         f"processes without it, then once, in one process: python -m stego_jax.sweep "
+                         f"--workdir {fv.workdir} --export {fv.export}")
     if fv.export is not None and finished and not fv.sweep:
         pass  # export only
     else:
         if fv.config is None:
             raise flags.ValidationError("--config is required to run a sweep")
         settings = make_settings(fv.config, fv.sweep, fv.sample, fv.sample_seed)
-        result = train_sweep(fv.config, fv.workdir, settings, shard=fv.shard, memory_limit_mb=fv.memory_limit_mb)
-        with open(os.path.join(fv.workdir, "sweep.md")) as f:
-            print(f.read())
-        del result
+        train_sweep(fv.config, fv.workdir, settings, shard=fv.shard, memory_limit_mb=fv.memory_limit_mb)
+        if jax.process_index() == 0:
+            with open(os.path.join(fv.workdir, "sweep.md")) as f:
+                print(f.read())
     if fv.export is not None:
         out = export_setting(fv.workdir, fv.export, fv.export_dir)
         print(f"exported to {out}: python -m stego_jax.evaluate --workdir {out}", flush=True)

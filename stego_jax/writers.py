@@ -48,10 +48,8 @@ class MetricWriter:
         lstep, ltime = self.last
         rate = (step - lstep) / (now - ltime) if lstep is not None and now > ltime else float("nan")
         self.last = (step, now)
-        eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
-        print(f"step {step:>6d}/{self.total} | loss {loss:.4f} | {rate:6.2f} steps/s | ETA {eta_s}",
-              flush=True)
+        print(f"step {step:>6d}/{self.total} | loss {loss:.4f} | {rate:6.2f} steps/s | "
+              f"ETA {eta(self.total - step, rate)}", flush=True)
         self.scalars(step, {"steps_per_sec": rate} if rate == rate else {}, "perf/")
 
     def image(self, tag: str, step: int, img: np.ndarray) -> None:
@@ -62,6 +60,13 @@ class MetricWriter:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def eta(steps_left: int, rate: float) -> str:
+    """HH:MM:SS for `steps_left` steps at `rate` steps/s ("--:--:--" without a rate yet)."""
+    if not (rate == rate and rate > 0):
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.gmtime(steps_left / rate))
 
 
 def keep_steps_up_to(path: str, step: int) -> None:

@@ -1,6 +1,6 @@
 """DINOv2 backbone: fidelity against fixtures written by the official facebookresearch/dinov2 code
-(tests/fixtures/make_dinov2_fixtures.py), the key layouts, architecture checks, the registry,
-the hub configurations, bf16 and the featurizer."""
+(tests/fixtures/make_dinov2_fixtures.py), the key layouts, architecture checks, the registry and
+the hub configurations (bf16, the featurizer and the STEGO pipeline on it: test_backbones_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import stego_jax.weights as weights
-from stego_jax.models import build_backbone, dinov2, patch_feature_map
+from stego_jax.models import build_backbone, dinov2
 from stego_jax.weights import DINOV2_REGISTRY, convert_dinov2, flatten_params, load_backbone
 from stego_jax.weights.torch_pickle import load_torch_checkpoint
+
+from .fixtures.fixture_inputs import fixed_input
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 
@@ -24,14 +26,6 @@ _S5 = [(70, 70), (42, 98), (84, 56), (28, 28)]
 # Fixture name: (seed of its inputs, input sizes, batch), as make_dinov2_fixtures.MODELS.
 MODELS = {"mlp": (0, _S37, 1), "mlp_reg": (1, _S37, 1), "swiglu": (2, _S5, 2), "swiglu_reg": (3, _S5, 2)}
 TOL = 5e-5  # max abs error against the official float32 forward
-
-
-def fixed_input(batch: int, h: int, w: int, seed: int) -> np.ndarray:
-    """make_dinov2_fixtures.fixed_input."""
-    a = np.arange(batch * h * w * 3, dtype=np.float64)
-    return (np.sin(a * 0.37 + seed) * np.cos(a * 0.0113) * 1.5).astype(np.float32).reshape(
-        batch, h, w, 3
-    )
 
 
 @pytest.fixture(scope="module")
@@ -234,44 +228,6 @@ def test_module_params_match_the_official_keys_of_hub_models(name):
     expected = convert_dinov2.expected_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in official.items()} == expected
     convert_dinov2.check_shapes(official, cfg, "module")
-
-
-# ----------------------------------------------------------------------------------------------
-# bf16 and the featurizer
-
-
-def test_bfloat16_compute_stays_close(loaded):
-    cfg, params = loaded["swiglu_reg"]
-    x = fixed_input(2, 42, 98, 3)
-    ref = np.asarray(_apply(cfg, params, x, return_attention=False))
-    got = np.asarray(_apply(cfg, params, x, dtype=jnp.bfloat16, return_attention=False))
-    assert got.dtype == np.float32
-    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    # Non-zero: the compute really ran in bf16; the stated tolerance: 3% relative (L2).
-    assert 1e-4 < rel < 3e-2, rel
-
-
-def test_featurizer_drops_registers(loaded):
-    from ml_collections import config_dict
-
-    from stego_jax.featurizers import build_featurizer
-
-    c = config_dict.ConfigDict(
-        {"model": {"featurizer": "dino", "backbone": str(FIX / "dinov2_mlp_reg.pth"),
-                   "num_heads": 2, "dtype": "float32"}}
-    )
-    f = build_featurizer(c)
-    assert (f.patch_size, f.dim, f.name) == (14, 8, "dinov2_mlp_reg")
-    assert "DINOv2" in f.description
-    x = fixed_input(1, 98, 154, 1)
-    feats = np.asarray(jax.jit(f.apply)(f.params, jnp.asarray(x)))
-    tokens = np.asarray(_apply(*loaded["mlp_reg"], x, return_attention=False))
-    assert feats.shape == (1, 7, 11, 8)
-    np.testing.assert_array_equal(feats[0, 0, 0], tokens[0, 5])  # after CLS and 4 registers
-    np.testing.assert_array_equal(feats[0, 6, 10], tokens[0, -1])
-    np.testing.assert_array_equal(
-        np.asarray(patch_feature_map(jnp.asarray(tokens), loaded["mlp_reg"][0], (7, 11))), feats
-    )
 
 
 # ----------------------------------------------------------------------------------------------

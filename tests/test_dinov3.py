@@ -1,6 +1,6 @@
 """DINOv3 backbone: fidelity against fixtures written by the official facebookresearch/dinov3 code
 (tests/fixtures/make_dinov3_fixtures.py), RoPE, architecture checks, the local-only registry,
-the hub configurations, bf16 and the featurizer (the STEGO pipeline on it: test_backbones_pipeline.py)."""
+the hub configurations (bf16, the featurizer and the STEGO pipeline on it: test_backbones_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stego_jax.models import build_backbone, dinov3, num_prefix_tokens, patch_feature_map
+from stego_jax.models import build_backbone, dinov3, num_prefix_tokens
 from stego_jax.weights import DINOV3_REGISTRY, convert_dinov3, dinov3_dir, load_backbone
 from stego_jax.weights.torch_pickle import load_torch_checkpoint
+
+from .fixtures.fixture_inputs import fixed_input
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 
@@ -24,14 +26,6 @@ MODELS = {
     "swiglu": (1, [(64, 64), (32, 80), (112, 48)], 2),
 }
 TOL = 5e-5  # max abs error against the official float32 forward
-
-
-def fixed_input(batch: int, h: int, w: int, seed: int) -> np.ndarray:
-    """make_dinov3_fixtures.fixed_input."""
-    a = np.arange(batch * h * w * 3, dtype=np.float64)
-    return (np.sin(a * 0.37 + seed) * np.cos(a * 0.0113) * 1.5).astype(np.float32).reshape(
-        batch, h, w, 3
-    )
 
 
 @pytest.fixture(scope="module")
@@ -193,44 +187,6 @@ def test_module_params_match_the_official_keys_of_hub_models(name):
     got = {"/".join(p.key for p in path): tuple(leaf) for path, leaf in
            jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, tuple))[0]}
     assert got == {k: tuple(v) for k, v in flat.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# bf16 and the featurizer
-
-
-def test_bfloat16_compute_stays_close(loaded):
-    cfg, params = loaded["swiglu"]
-    x = fixed_input(2, 32, 80, 1)
-    ref = np.asarray(_apply(cfg, params, x, return_attention=False))
-    got = np.asarray(_apply(cfg, params, x, dtype=jnp.bfloat16, return_attention=False))
-    assert got.dtype == np.float32
-    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    # Non-zero: the compute really ran in bf16; the stated tolerance: 3% relative (L2).
-    assert 1e-4 < rel < 3e-2, rel
-
-
-def test_featurizer_drops_storage_tokens(loaded):
-    from ml_collections import config_dict
-
-    from stego_jax.featurizers import build_featurizer
-
-    c = config_dict.ConfigDict(
-        {"model": {"featurizer": "dino", "backbone": str(FIX / "dinov3_mlp.pth"),
-                   "num_heads": 0, "dtype": "float32"}}
-    )
-    f = build_featurizer(c)
-    assert (f.patch_size, f.dim, f.name) == (16, 32, "dinov3_mlp")
-    assert "DINOv3" in f.description
-    x = fixed_input(1, 48, 112, 0)
-    feats = np.asarray(jax.jit(f.apply)(f.params, jnp.asarray(x)))
-    tokens = np.asarray(_apply(*loaded["mlp"], x, return_attention=False))
-    assert feats.shape == (1, 3, 7, 32)
-    np.testing.assert_array_equal(feats[0, 0, 0], tokens[0, 5])  # after CLS and 4 storage tokens
-    np.testing.assert_array_equal(feats[0, 2, 6], tokens[0, -1])
-    np.testing.assert_array_equal(
-        np.asarray(patch_feature_map(jnp.asarray(tokens), loaded["mlp"][0], (3, 7))), feats
-    )
 
 
 # ----------------------------------------------------------------------------------------------

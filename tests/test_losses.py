@@ -331,6 +331,56 @@ def test_upsample_bilinear_matches_align_corners_false(hw):
     np.testing.assert_allclose(got, np_resize_bilinear(x, *hw), atol=1e-5)
 
 
+def _np_linear_probe_loss(z, labels, n):
+    """The linear-probe loss in float64 NumPy: resize, log-sum-exp minus the label's logit, mean
+    over the valid pixels (0 without any)."""
+    up = np_resize_bilinear(z, *labels.shape[1:])
+    valid = (labels >= 0) & (labels < n)
+    if not valid.any():
+        return 0.0
+    m = up.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(up - m).sum(-1, keepdims=True)))[..., 0]
+    picked = np.take_along_axis(up, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    return float(np.sum((lse - picked)[valid]) / valid.sum())
+
+
+@pytest.mark.parametrize("shape, out_hw", [((2, 3, 3, 4), (24, 24)), ((2, 3, 4, 4), (6, 5)),
+                                           ((1, 5, 6, 3), (3, 4)), ((1, 3, 3, 5), (3, 3))],
+                         ids=["x8", "up", "down", "same"])
+def test_linear_probe_loss_gradient_matches_numpy_differences(shape, out_hw):
+    """The loss's hand-written gradient (softmax - one-hot at the valid pixels over their count,
+    resized back) against central differences of the float64 NumPy loss."""
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=shape) * 2.0
+    n = shape[-1]
+    labels = rng.integers(-1, n + 1, size=(shape[0], *out_hw)).astype(np.int32)  # some invalid
+    value, grad = jax.value_and_grad(losses.linear_probe_loss)(jnp.asarray(z, jnp.float32), jnp.asarray(labels), n)
+    np.testing.assert_allclose(float(value), _np_linear_probe_loss(z, labels, n), rtol=1e-5)
+    eps = 1e-6
+    num = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+        d = np.zeros_like(z)
+        d[idx] = eps
+        num[idx] = (_np_linear_probe_loss(z + d, labels, n) - _np_linear_probe_loss(z - d, labels, n)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(grad), num, rtol=1e-4, atol=2e-6)
+    assert np.abs(num).max() > 1e-3  # a real gradient, not zeros
+    none = np.full_like(labels, -1)
+    g0 = jax.grad(losses.linear_probe_loss)(jnp.asarray(z, jnp.float32), jnp.asarray(none), n)
+    assert not np.any(np.asarray(g0))  # no valid pixel: loss 0, gradient 0
+
+
+@pytest.mark.parametrize("n_out, n_in", [(224, 28), (24, 3), (6, 3), (3, 5), (7, 7), (100, 13)])
+def test_interp_matrix_is_upsample_bilinear(n_out, n_in):
+    m = ops.interp_matrix(n_out, n_in)
+    np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
+    assert ((m > 0).sum(1) <= 2).all()  # two taps per output
+    x = np.random.default_rng(3).normal(size=(1, n_in, 2, 1)).astype(np.float32)
+    want = np_resize_bilinear(x, n_out, 2)[0, :, 0, 0]
+    np.testing.assert_allclose(m @ x[0, :, 0, 0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ops.upsample_bilinear(jnp.asarray(x), (n_out, 2)))[0, :, 0, 0], want,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_linear_probe_loss_matches_numpy_and_ignores_invalid():
     rng = np.random.default_rng(8)
     n = 4

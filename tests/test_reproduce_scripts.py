@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stego_jax.models.vit import ViTConfig
+from stego_jax.weights.convert import random_dino_state_dict
+
 ROOT = Path(__file__).resolve().parents[1]
 ZIP = "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/{}.zip"
 
@@ -140,17 +143,8 @@ def _fake_cocostuff(root: Path) -> None:
 
 def _random_dino(path: Path, dim: int = 64) -> None:
     """A random one-block ViT/8 in the official DINO key layout (64 wide: one head of DINO's 64)."""
-    rng = np.random.default_rng(0)
-    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 17, dim), "patch_embed.proj.weight": (dim, 3, 8, 8),
-              "patch_embed.proj.bias": (dim,), "blocks.0.attn.qkv.weight": (3 * dim, dim),
-              "blocks.0.attn.qkv.bias": (3 * dim,), "blocks.0.attn.proj.weight": (dim, dim),
-              "blocks.0.attn.proj.bias": (dim,), "blocks.0.mlp.fc1.weight": (4 * dim, dim),
-              "blocks.0.mlp.fc1.bias": (4 * dim,), "blocks.0.mlp.fc2.weight": (dim, 4 * dim),
-              "blocks.0.mlp.fc2.bias": (dim,)}
-    sd = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-    for norm in ("blocks.0.norm1", "blocks.0.norm2", "norm"):
-        sd[norm + ".weight"], sd[norm + ".bias"] = np.ones(dim, np.float32), np.zeros(dim, np.float32)
-    np.savez(path, **sd)
+    cfg = ViTConfig(patch_size=8, embed_dim=dim, depth=1, num_heads=1, img_size=32)
+    np.savez(path, **random_dino_state_dict(cfg, scale=0.05))
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from stego_jax import checkpoints, feature_sources, model, steps, train
+from stego_jax import checkpoints, feature_sources, model, steps, train, writers
 from stego_jax.config import load_config_file, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,3 +167,11 @@ def test_unwritable_workdir(tmp_path):
             train.train_and_evaluate(tiny_config(), target)
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_eta_of_the_progress_lines():
+    """The ETA that training's and the sweep's progress lines print: steps left / rate, as H:M:S."""
+    assert writers.eta(50, 2.0) == "00:00:25"
+    assert writers.eta(7200, 1.0) == "02:00:00"
+    assert writers.eta(10, float("nan")) == "--:--:--"
+    assert writers.eta(10, 0.0) == "--:--:--"

@@ -29,7 +29,7 @@ from stego_jax.weights import (
 )
 import stego_jax.weights as weights_pkg
 from stego_jax.weights import download as dl
-from stego_jax.weights.convert import convert_state_dict
+from stego_jax.weights.convert import convert_state_dict, random_dino_state_dict
 
 FIX = Path(__file__).parent / "fixtures"
 TINY_CFG = ViTConfig(
@@ -512,3 +512,21 @@ def test_unpinned_registry_entry_warns_once(server, tmp_path: Path, monkeypatch)
     assert len(msgs) == 1
     assert "no published SHA-256 is pinned" in msgs[0] and "first file" in msgs[0]
     assert str(tmp_path / "dino_deitsmall8_pretrain.pth.sha256") in msgs[0]
+
+
+@pytest.mark.parametrize("cfg", [ViTConfig(patch_size=8, embed_dim=384, depth=12, num_heads=6),
+                                 ViTConfig(patch_size=8, embed_dim=64, depth=1, num_heads=1, img_size=32)])
+def test_random_dino_state_dict_is_a_dino_checkpoint_of_its_shapes(cfg):
+    """The random checkpoint of the benchmarks and the offline script tests loads as the DINO ViT
+    it stands for: same architecture read back off its shapes, LayerNorms the identity, the other
+    weights drawn with the given scale, reproducibly."""
+    sd = random_dino_state_dict(cfg, scale=0.05, seed=3)
+    got, params = convert_state_dict(sd, "random", num_heads=cfg.num_heads)
+    assert got == cfg
+    assert sum(v.size for v in sd.values()) == sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params))
+    assert np.all(sd["norm.weight"] == 1) and np.all(sd["blocks.0.norm2.bias"] == 0)
+    w = sd["blocks.0.mlp.fc1.weight"]
+    assert w.dtype == np.float32 and abs(w.std() - 0.05) < 0.005 and abs(w.mean()) < 0.005
+    again = random_dino_state_dict(cfg, scale=0.05, seed=3)
+    assert all(np.array_equal(sd[k], again[k]) for k in sd)
+    assert not np.array_equal(sd["cls_token"], random_dino_state_dict(cfg, scale=0.05, seed=4)["cls_token"])

@@ -143,12 +143,9 @@ class Worker:
 
     def reply(self) -> dict:
         for line in self.proc.stdout:
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    return json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+            record = common.json_record(line)
+            if record is not None:
+                return record
         err = self.proc.stderr.read().strip().splitlines()[-3:]
         raise RuntimeError(f"worker exited (rc {self.proc.wait()}): " + " / ".join(err))
 

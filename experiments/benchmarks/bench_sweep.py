@@ -27,6 +27,7 @@ a user's would. The streamed row then carries the backbone's real cost per step.
 
   python experiments/benchmarks/bench_sweep.py                 # K=16, 300 steps (the demo's)
   python experiments/benchmarks/bench_sweep.py --backbone vits8 --steps 100 --memory-ks ""
+  python experiments/benchmarks/bench_sweep.py --backbone vits8 --shapes paper --steps 50 --memory-ks ""
   python experiments/benchmarks/bench_sweep.py --quick         # tiny: checks the script
 """
 
@@ -63,21 +64,10 @@ def random_vits8(path: str) -> None:
     """A ViT-S/8 in the official DINO layout, `dino_vits8`'s shapes, random weights."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    d, depth, grid = 384, 12, 28
-    sd = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + grid * grid, d), "patch_embed.proj.weight": (d, 3, 8, 8),
-          "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
-                   b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-                   b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (4 * d, d),
-                   b + "mlp.fc1.bias": (4 * d,), b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,)})
-    arrays = {k: (0.02 * rng.standard_normal(shape)).astype(np.float32) for k, shape in sd.items()}
-    for k in arrays:
-        if k.endswith(("norm1.weight", "norm2.weight")) or k == "norm.weight":
-            arrays[k] = np.ones_like(arrays[k])
-    np.savez(path, **arrays)
+    from stego_jax.models.vit import ViTConfig
+    from stego_jax.weights.convert import random_dino_state_dict
+
+    np.savez(path, **random_dino_state_dict(ViTConfig(patch_size=8, embed_dim=384, depth=12, num_heads=6)))
 
 
 def vit_config(config, workdir: str, n_train: int):
@@ -93,6 +83,17 @@ def vit_config(config, workdir: str, n_train: int):
     config.feature_cache.enabled = True
     config.feature_cache.dir = os.path.join(workdir, "cache")
     config.feature_cache.dtype = "float32"
+    return config
+
+
+def paper_shapes(config):
+    """The paper's COCO-Stuff ViT-S/8 training shapes (official train_config.yml): 224 px crops,
+    batch 16, code dim 70, 27 classes (the synthetic scenes drawn with 27 classes), validated at
+    224 px."""
+    config.data.res = config.data.size = config.eval.res = 224
+    config.batch_size = 16
+    config.model.dim = 70
+    config.data.n_classes = 27
     return config
 
 
@@ -173,6 +174,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--backbone", choices=("descriptor", "vits8"), default="descriptor",
                     help="the demo's descriptor, or a random-weight ViT-S/8 with an on-disk cache")
     ap.add_argument("--n-train", type=int, default=200, help="training images with --backbone vits8")
+    ap.add_argument("--shapes", choices=("demo", "paper"), default="demo",
+                    help="the demo's (96 px, batch 32, code dim 32, 5 classes) or the paper's COCO-Stuff "
+                         "ViT-S/8 shapes (224 px, batch 16, code dim 70, 27 classes)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     ap.add_argument("--memory-k", type=int, default=0, help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "benchmarks", "results", "sweep.json"))
@@ -191,6 +195,8 @@ def main(argv=None) -> dict:
     # the first load their compiled steps rather than compile them again.
     parallel.enable_compilation_cache(tempfile.mkdtemp(prefix="bench_sweep_xla_"))
     config = demo_config(args.steps, args.quick)
+    if args.shapes == "paper":
+        config = paper_shapes(config)
     settings = settings_for(config, args.settings)
     k = len(settings)
     prep = {}
@@ -229,7 +235,9 @@ def main(argv=None) -> dict:
         except ValueError:
             memory.append({"k": mk, "error": (proc.stderr or proc.stdout)[-300:]})
 
-    record = {"k": k, "steps": args.steps, "backbone": args.backbone, **prep, "sweep_s": sweep_s, "sequential_s": sequential_s,
+    record = {"k": k, "steps": args.steps, "backbone": args.backbone, "shapes": args.shapes,
+              "res": config.data.res, "batch": config.batch_size, "dim": config.model.dim,
+              "n_classes": config.data.n_classes, **prep, "sweep_s": sweep_s, "sequential_s": sequential_s,
               "sequential_first_run_s": seq[0], "sequential_later_runs_median_s": sorted(seq[1:])[len(seq[1:]) // 2]
               if len(seq) > 1 else None, "streamed_estimate_s": streamed_s,
               "step_cached_ms": 1e3 * st["cached"], "step_streamed_ms": 1e3 * st["streamed"],
@@ -244,7 +252,8 @@ def main(argv=None) -> dict:
                   f"Demo config with a random-weight ViT-S/8 featurizer (dino_vits8 shapes), "
                   f"{config.data.n_train} training images, features cached on disk once "
                   f"({r['cache_build_s']:.1f} s; k-NN table {r['knn_s']:.1f} s, not in the rows), "
-                  f"batch {config.batch_size}, ") + f"{r['steps']} steps "
+                  f"batch {config.batch_size}, ") + f"{config.data.res} px, code dim {config.model.dim}, "
+                 f"{config.data.n_classes} classes, {r['steps']} steps "
                  f"per setting), K = {r['k']} settings (loss.pos_intra_shift x seed).", "",
                  "| how the K settings are trained | wall s | sweep speed-up |", "|---|---:|---:|",
                  f"| one sweep from the cache (`stego_jax.sweep`) | {r['sweep_s']:.1f} | 1.0x |",

@@ -209,13 +209,21 @@ def ran_as_worker(args: argparse.Namespace, worker: Callable[[argparse.Namespace
     return True
 
 
+def json_record(line: str) -> dict | None:
+    """A worker's output line as its JSON record, None for any other line (logs, warnings)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def last_json_line(text: str) -> dict:
     """The last line of `text` that parses as a JSON object (worker subprocess output)."""
     for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        record = json_record(line)
+        if record is not None:
+            return record
     raise ValueError("no JSON record in the worker output:\n" + text[-2000:])

@@ -143,6 +143,23 @@ def expected_dino_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def random_dino_state_dict(cfg: ViTConfig, *, scale: float = 0.02, seed: int = 0) -> dict[str, np.ndarray]:
+    """A DINO ViT of `cfg`'s shapes in the official key layout with random weights (normal times
+    `scale`; LayerNorms weight 1, bias 0): the FLOPs of the real model with no download, for
+    benchmarks and offline checks of the whole chain. Save it with `np.savez` and name the file
+    as `config.model.backbone`."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in expected_dino_shapes(cfg).items():
+        if key.endswith(("norm1.weight", "norm2.weight")) or key == "norm.weight":
+            sd[key] = np.ones(shape, np.float32)
+        elif key.endswith(("norm1.bias", "norm2.bias")) or key == "norm.bias":
+            sd[key] = np.zeros(shape, np.float32)
+        else:
+            sd[key] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return sd
+
+
 def _need(sd: Mapping[str, np.ndarray], key: str, ndim: int, where: str) -> np.ndarray:
     if key not in sd:
         raise ValueError(
