@@ -377,11 +377,11 @@ def _downsample_cf(d: Array, hw: tuple[int, int]) -> Array:
     return jnp.einsum("Hh,bcHw->bchw", mh, x, precision=hi)
 
 
-def _label_planes(labels: Array, n_classes: int) -> tuple[Array, Array]:
-    """(valid [B,H,W], one-hot [B,C,H,W] bool of the valid labels)."""
+def _label_planes(labels: Array, n_classes: int, n_planes: int) -> tuple[Array, Array]:
+    """(valid [B,H,W]: labels in [0, n_classes), one-hot [B,n_planes,H,W] bool of the valid labels)."""
     valid = (labels >= 0) & (labels < n_classes)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    return valid, safe[:, None] == jnp.arange(n_classes, dtype=jnp.int32)[None, :, None, None]
+    return valid, safe[:, None] == jnp.arange(n_planes, dtype=jnp.int32)[None, :, None, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -395,7 +395,7 @@ def _upsampled_cross_entropy_fwd(logits, labels, n_classes):
     planes = [x[:, c] for c in range(x.shape[1])]
     m = functools.reduce(jnp.maximum, planes)
     lse = m + jnp.log(functools.reduce(jnp.add, [jnp.exp(p - m) for p in planes]))
-    valid, onehot = _label_planes(labels, n_classes)
+    valid, onehot = _label_planes(labels, n_classes, x.shape[1])
     # The label's logit picked by a select (exact: one term, the others 0), not a gather.
     picked = functools.reduce(jnp.add, [jnp.where(onehot[:, c], p, 0.0) for c, p in enumerate(planes)])
     count = jnp.maximum(jnp.sum(valid), 1).astype(x.dtype)
@@ -406,7 +406,7 @@ def _upsampled_cross_entropy_fwd(logits, labels, n_classes):
 def _upsampled_cross_entropy_bwd(n_classes, residuals, g):
     z_cf, labels, lse, count = residuals
     x = _upsample_cf(z_cf, labels.shape[1:3])
-    valid, onehot = _label_planes(labels, n_classes)
+    valid, onehot = _label_planes(labels, n_classes, x.shape[1])
     scale = jnp.where(valid, g / count, 0.0)[:, None]
     d = (jnp.exp(x - lse[:, None]) - onehot.astype(x.dtype)) * scale
     d_logits = jnp.moveaxis(_downsample_cf(d, z_cf.shape[2:4]), 1, -1)
