@@ -55,6 +55,15 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
+def _section(config: Any) -> Any:
+    """`config.distributed`, or None (no config, or a config without the section)."""
+    return config.get("distributed", None) if config is not None else None
+
+
+def _auto(dist: Any) -> bool:
+    return bool(dist.get("auto", False)) if dist is not None else False
+
+
 def _field(dist: Any, name: str, unset: Any, env: str | None) -> Any:
     """`config.distributed.<name>` unless it holds its 'unset' value (base_config uses "", 0 and
     -1, since ml_collections fields keep their type), then the environment, else None."""
@@ -79,8 +88,7 @@ def set_cpu_devices(config: Any = None) -> int | None:
     programs call it first thing. Used to run several processes x several CPU devices on one
     machine (the multi-host test); 0/unset leaves JAX's default. Returns the count set, or None.
     """
-    dist = config.get("distributed", None) if config is not None else None
-    n = _field(dist, "cpu_devices", 0, ENV_CPU_DEVICES)
+    n = _field(_section(config), "cpu_devices", 0, ENV_CPU_DEVICES)
     if n is None:
         return None
     n = _int(n, f"config.distributed.cpu_devices (or ${ENV_CPU_DEVICES})")
@@ -102,9 +110,8 @@ def set_cpu_devices(config: Any = None) -> int | None:
 
 def distributed_requested(config: Any = None) -> bool:
     """Whether `initialize_distributed` would start several processes (a coordinator or `auto`)."""
-    dist = config.get("distributed", None) if config is not None else None
-    auto = bool(dist.get("auto", False)) if dist is not None else False
-    return auto or bool(_field(dist, "coordinator_address", "", ENV_COORDINATOR))
+    dist = _section(config)
+    return _auto(dist) or bool(_field(dist, "coordinator_address", "", ENV_COORDINATOR))
 
 
 def initialize_distributed(config: Any = None) -> bool:
@@ -119,12 +126,11 @@ def initialize_distributed(config: Any = None) -> bool:
     set_cpu_devices(config)
     if not distributed_requested(config):
         return False
-    dist = config.get("distributed", None) if config is not None else None
+    dist = _section(config)
     addr = _field(dist, "coordinator_address", "", ENV_COORDINATOR)
-    auto = bool(dist.get("auto", False)) if dist is not None else False
     if jax.distributed.is_initialized():
         return True
-    if auto:
+    if _auto(dist):
         jax.distributed.initialize()
         return True
     num = _field(dist, "num_processes", 0, ENV_NUM_PROCESSES)

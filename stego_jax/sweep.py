@@ -337,6 +337,15 @@ def _global_keys(keys: list, sharding) -> jax.Array:
     return jax.random.wrap_key_data(_global(np.asarray(jax.random.key_data(_stack_keys(keys))), sharding))
 
 
+def checkpoint_shapes(config, feat_dim: int, k: int, sharding) -> dict:
+    """The abstract tree of a sweep's checkpoint: {"state": the k stacked train states,
+    "diverged_at": int32 [k]}, every leaf with `sharding` (to restore it into)."""
+    state = jax.eval_shape(jax.vmap(lambda key: create_state(config, feat_dim, key)),
+                           _stack_keys([jax.random.key(0)] * k))
+    tree = {"state": state, "diverged_at": jax.ShapeDtypeStruct((k,), jnp.int32)}
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def _to_host(tree):
     """A tree of (possibly multi-process) arrays -> numpy, whole, on every process."""
     return jax.tree_util.tree_map(parallel.gather_to_host, tree)
@@ -553,9 +562,7 @@ def _check_memory(compiled, kp, config, modules, mesh, shard, example, feat_dim,
     largest = 0
     if kp > unit:
         k_sh, _ = shardings(mesh, shard)
-        small = jax.eval_shape(jax.vmap(lambda key: create_state(config, feat_dim, key)),
-                               _stack_keys([jax.random.key(0)] * unit))
-        small = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=k_sh), small)
+        small = checkpoint_shapes(config, feat_dim, unit, k_sh)["state"]
         keys = jax.ShapeDtypeStruct((unit,), jax.random.key(0).dtype, sharding=k_sh)
         idx = jax.ShapeDtypeStruct((unit,), jnp.int32, sharding=k_sh)
         hp = {}
@@ -709,17 +716,12 @@ def export_setting(workdir: str, which: str | int = "best", out_dir: str | None 
         raise ValueError(f"{out} already holds a run; choose another export directory")
     mesh = parallel.make_mesh()
     kp = record["padded_k"]
-    k_sh = parallel.replicated(mesh)
-    abstract = jax.eval_shape(jax.vmap(lambda key: create_state(config, record["feat_dim"], key)),
-                              _stack_keys([jax.random.key(0)] * kp))
-    abstract = {"state": abstract, "diverged_at": jax.ShapeDtypeStruct((kp,), jnp.int32)}
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=k_sh), abstract)
+    rep = parallel.replicated(mesh)
     ckpts = Checkpoints(os.path.join(workdir, STATE_DIR), config.keep_checkpoints)
     try:
-        _, step, stacked = ckpts.restore_newest_intact(abstract)
+        _, step, stacked = ckpts.restore_newest_intact(checkpoint_shapes(config, record["feat_dim"], kp, rep))
     finally:
         ckpts.close()
-    rep = parallel.replicated(mesh)
     state = jax.device_put(_host_slice(stacked["state"], k), rep)
     os.makedirs(out, exist_ok=True)
     save_config(config, out, step=int(step))

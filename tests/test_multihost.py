@@ -123,11 +123,7 @@ SWEEP_ARGS = ("--sweep=loss.pos_intra_shift=0.08,0.28", "--sweep=optim.lr=5e-4,1
 def sweep_state(workdir, cfg, k, step):
     """The stacked sweep state [K, ...] of checkpoint `step`, restored in this process."""
     ckpts = checkpoints.Checkpoints(os.path.join(workdir, sweep.STATE_DIR), 2)
-    rep = parallel.replicated(parallel.make_mesh())
-    abstract = jax.eval_shape(jax.vmap(lambda key: model.create_state(cfg, 46, key)),
-                              sweep._stack_keys([jax.random.key(0)] * k))
-    abstract = {"state": abstract, "diverged_at": jax.ShapeDtypeStruct((k,), np.int32)}
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+    abstract = sweep.checkpoint_shapes(cfg, 46, k, parallel.replicated(parallel.make_mesh()))
     try:
         return ckpts.restore(step, abstract)["state"]
     finally:
