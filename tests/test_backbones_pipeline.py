@@ -56,11 +56,16 @@ def _overrides(name: str, tmp: Path) -> dict:
     }
 
 
+def _tokens(ckpt: str, heads, x: np.ndarray, dtype=jnp.float32):
+    """(architecture, all output tokens of the backbone in `ckpt` (a fixture name) on images `x`)."""
+    cfg, params = load_backbone(FIX / ckpt, num_heads=heads or None)
+    model = build_backbone(cfg, dtype=dtype)
+    return cfg, np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(x)))
+
+
 def _by_hand(ckpt: str, heads, images: np.ndarray, patch: int) -> np.ndarray:
     """Patch features of uint8 images computed directly from the backbone's tokens."""
-    cfg, params = load_backbone(ckpt, num_heads=heads)
-    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
-    tokens = np.asarray(build_backbone(cfg).apply({"params": params}, jnp.asarray(x)))
+    _, tokens = _tokens(ckpt, heads, (images.astype(np.float32) / 255.0 - MEAN) / STD)
     h, w = images.shape[1] // patch, images.shape[2] // patch
     assert tokens.shape[1] == PREFIX + h * w
     return tokens[:, PREFIX:].reshape(len(images), h, w, -1)
@@ -83,7 +88,7 @@ def test_pipeline_on_a_random_modern_backbone(name, tmp_path):
     assert cache.feature_shape == (3, 3, load_backbone(str(FIX / ckpt), num_heads=heads)[0].embed_dim)
     rows = np.array([0, 5, 23])
     images = np.stack([train_ds[int(i)]["image"] for i in rows])
-    np.testing.assert_allclose(cache.features(rows), _by_hand(str(FIX / ckpt), heads, images, patch),
+    np.testing.assert_allclose(cache.features(rows), _by_hand(ckpt, heads, images, patch),
                                rtol=1e-5, atol=1e-5)
 
     # Training reads that cache (the manifest's fingerprint is checked against the config).
@@ -129,18 +134,12 @@ FEATURIZER = {"dinov2_reg": ("dinov2_mlp_reg.pth", 2, 14, 8, "DINOv2", (1, 98, 1
               "dinov3": ("dinov3_mlp.pth", 0, 16, 32, "DINOv3", (1, 48, 112, 0))}
 
 
-def _tokens(ckpt: str, heads: int, x: np.ndarray, dtype=jnp.float32) -> np.ndarray:
-    cfg, params = load_backbone(FIX / ckpt, num_heads=heads or None)
-    model = build_backbone(cfg, dtype=dtype)
-    return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(x)))
-
-
 @pytest.mark.parametrize("name", sorted(BF16))
 def test_bfloat16_compute_stays_close(name):
     ckpt, heads, size = BF16[name]
     x = fixed_input(*size)
-    ref = _tokens(ckpt, heads, x)
-    got = _tokens(ckpt, heads, x, dtype=jnp.bfloat16)
+    _, ref = _tokens(ckpt, heads, x)
+    _, got = _tokens(ckpt, heads, x, dtype=jnp.bfloat16)
     assert got.dtype == np.float32
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     # Non-zero: the compute really ran in bf16; the stated tolerance: 3% relative (L2).
@@ -160,9 +159,8 @@ def test_featurizer_drops_the_prefix_tokens(name):
     x = fixed_input(*size)
     grid = (size[1] // patch, size[2] // patch)
     feats = np.asarray(jax.jit(f.apply)(f.params, jnp.asarray(x)))
-    tokens = _tokens(ckpt, heads, x)
+    cfg, tokens = _tokens(ckpt, heads, x)
     assert feats.shape == (1, *grid, width)
     np.testing.assert_array_equal(feats[0, 0, 0], tokens[0, PREFIX])
     np.testing.assert_array_equal(feats[0, -1, -1], tokens[0, -1])
-    cfg, _ = load_backbone(FIX / ckpt, num_heads=heads or None)
     np.testing.assert_array_equal(np.asarray(patch_feature_map(jnp.asarray(tokens), cfg, grid)), feats)
